@@ -1,0 +1,141 @@
+"""The interface every method (teacher training and each distillation) implements.
+
+A method declares its networks, its optimisers and its *update phases*; the one
+training loop in :mod:`fewstep.training.loop` runs them. Methods hold no loop
+of their own, and their losses are pure functions a user can call directly.
+"""
+from __future__ import annotations
+
+import abc
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar
+
+import torch
+from torch import nn
+
+from ..errors import FewstepError
+
+LossFn = Callable[[Any], "tuple[torch.Tensor, dict[str, float]]"]
+
+
+@dataclass
+class Phase:
+    """One update: ``loss(batch)`` is minimised by optimiser ``optimizer`` ``repeats`` times."""
+
+    name: str
+    optimizer: str
+    loss: LossFn
+    repeats: int = 1
+
+
+@dataclass
+class DataInfo:
+    """What the loop and the exporters need to know about the data a model makes."""
+
+    kind: str  # "images" | "points"
+    sample_shape: tuple[int, ...]
+    num_classes: int = 0
+    name: str = ""
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "sample_shape": list(self.sample_shape),
+                "num_classes": self.num_classes, "name": self.name}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DataInfo":
+        return cls(kind=d["kind"], sample_shape=tuple(d["sample_shape"]),
+                   num_classes=int(d.get("num_classes", 0)), name=d.get("name", ""))
+
+
+METHODS: dict[str, type["Method"]] = {}
+
+
+def register_method(cls: type["Method"]) -> type["Method"]:
+    """Class decorator: makes a method available to the CLI and the bench by its ``name``."""
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} needs a non-empty `name`")
+    METHODS[cls.name] = cls
+    return cls
+
+
+def get_method(name: str) -> type["Method"]:
+    from . import _load_all  # noqa: F401  (registers every built-in method)
+
+    if name not in METHODS:
+        raise FewstepError(f"unknown method {name!r}; available: {', '.join(sorted(METHODS))}")
+    return METHODS[name]
+
+
+class Method(abc.ABC):
+    """Base class. Subclasses set ``name``, ``Config`` and implement the abstract hooks.
+
+    Attributes set by subclasses in ``__init__``:
+      ``nets``: every trainable network by name (saved in training checkpoints);
+      ``frozen``: frozen networks (the teacher), rebuilt from the run config on resume;
+      ``ema_net``: the name in ``nets`` whose EMA is the exported student (or None);
+      ``data_info``: kind and shape of generated samples.
+    """
+
+    name: ClassVar[str] = ""
+    Config: ClassVar[type] = object
+    uses_data: ClassVar[bool] = False  # True: the loop feeds (x, labels) batches from a dataset
+    summary: ClassVar[str] = ""  # one line for `--help` and the bench
+
+    def __init__(self, config):
+        self.config = config
+        self.nets: dict[str, nn.Module] = {}
+        self.frozen: dict[str, nn.Module] = {}
+        self.ema_net: str | None = None
+        self.data_info: DataInfo | None = None
+        self.optimizers: dict[str, torch.optim.Optimizer] = {}
+        self.device = torch.device("cpu")
+        self.batch_size = 64  # images per iteration and process; the loop sets it from its config
+
+    # ---- set-up -------------------------------------------------------------------------
+    def to(self, device: torch.device) -> "Method":
+        self.device = torch.device(device)
+        for m in list(self.nets.values()) + list(self.frozen.values()):
+            m.to(self.device)
+        return self
+
+    @abc.abstractmethod
+    def build_optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        """Create the optimisers (called by the loop once networks are on their device)."""
+
+    @abc.abstractmethod
+    def phases(self) -> list[Phase]:
+        """The ordered update phases of one iteration."""
+
+    def images_per_iteration(self, batch_size: int) -> int:
+        """Images the method consumes (data) or generates per iteration and process."""
+        return batch_size
+
+    def begin_iteration(self, nimg: int, total_nimg: int) -> None:
+        """Hook before each iteration (learning-rate schedules, stage switches)."""
+
+    def end_iteration(self, nimg: int) -> None:
+        """Hook after each iteration (e.g. target-network updates)."""
+
+    def extra_state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """Method state beyond nets/optimisers to checkpoint: (tensors, JSON)."""
+        return {}, {}
+
+    def load_extra_state(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        pass
+
+    # ---- the student -------------------------------------------------------------------
+    @abc.abstractmethod
+    def export_config(self) -> dict:
+        """The model-checkpoint config (see :mod:`fewstep.model`) describing the student."""
+
+    def student_model(self, net: nn.Module):
+        """A :class:`fewstep.model.FewstepModel` around ``net`` (EMA or live weights)."""
+        from ..model import FewstepModel
+
+        return FewstepModel.from_parts(net, self.export_config())
+
+    @classmethod
+    def config_help(cls) -> dict[str, str]:
+        """Field name -> help text (from ``metadata['help']`` of the config dataclass)."""
+        return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls.Config)}

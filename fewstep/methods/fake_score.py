@@ -1,0 +1,168 @@
+"""Machinery shared by the fake-score family: SiD, Diff-Instruct, DMD (DESIGN §3).
+
+Three denoisers: the frozen teacher f_φ, a fake score f_ψ that tracks the
+generator's distribution, and the one-step generator G_θ,
+x_g = G_θ(σ_init·z, σ_init). Each iteration first updates f_ψ with the EDM loss
+on fresh generated samples (no gradient into G), then G with a method-specific
+loss. Subclasses only write that generator loss.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..config import require
+from ..diffusion.denoiser import EDMPrecond, edm_loss, karras_ramp
+from ..diffusion.guidance import CFGDenoiser
+from ..errors import FewstepError
+from ..model import FewstepModel, one_step_generate
+from .base import DataInfo, Method, Phase
+
+
+@dataclass
+class FakeScoreConfig:
+    """Options shared by SiD, Diff-Instruct and DMD."""
+
+    sigma_init: float = field(default=2.5, metadata={"help": "σ_init of the one-step generator x_g = G(σ_init·z, σ_init)"})
+    lr_g: float = field(default=5e-5, metadata={"help": "generator learning rate (reference: 1e-5 on CIFAR-10)"})
+    lr_fake: float = field(default=5e-5, metadata={"help": "fake-score learning rate"})
+    betas: tuple[float, float] = field(default=(0.0, 0.999), metadata={"help": "Adam betas of both networks"})
+    fake_updates: int = field(default=1, metadata={"help": "fake-score updates per generator update"})
+    loss_scale: float = field(default=100.0, metadata={"help": "losses are summed and scaled by loss_scale/batch (reference: 100)"})
+    p_mean: float = field(default=-1.2, metadata={"help": "ln σ mean of the fake-score EDM loss"})
+    p_std: float = field(default=1.2, metadata={"help": "ln σ std of the fake-score EDM loss"})
+    t_min: float = field(default=0.0, metadata={"help": "generator σ: t ~ U(t_min, t_max/1000) through the Karras ramp"})
+    t_max: float = field(default=800.0, metadata={"help": "generator σ: upper end of t in thousandths (800 → σ ≈ 24.4)"})
+    guidance_fake_train: float = field(default=1.0, metadata={"help": "CFG scale κ of the fake network while it trains (SiD-LSG)"})
+    guidance_fake: float = field(default=1.0, metadata={"help": "CFG scale κ of the fake network inside the generator loss"})
+    guidance_teacher: float = field(default=1.0, metadata={"help": "CFG scale κ of the teacher inside the generator loss"})
+
+    def validate(self) -> None:
+        require(self.sigma_init > 0, f"sigma_init must be > 0, got {self.sigma_init}")
+        require(self.lr_g > 0 and self.lr_fake > 0, "learning rates must be > 0")
+        require(self.fake_updates >= 1, f"fake_updates must be >= 1, got {self.fake_updates}")
+        require(0 <= self.t_min * 1000 <= self.t_max <= 1000,
+                f"need 0 <= t_min·1000 <= t_max <= 1000, got t_min={self.t_min}, t_max={self.t_max}")
+        require(self.loss_scale > 0, "loss_scale must be > 0")
+
+
+def generator_sigma(n: int, t_min: float = 0.0, t_max: float = 800.0, *, device=None) -> torch.Tensor:
+    """σ = Karras ramp of t ~ U(t_min, t_max/1000) (DESIGN §3, SiD step 2)."""
+    t = t_min + (t_max / 1000.0 - t_min) * torch.rand(n, device=device)
+    return karras_ramp(t)
+
+
+def guided(den: nn.Module, scale: float, num_classes: int) -> nn.Module:
+    """``den`` under classifier-free guidance ``scale`` (identity for unconditional nets or κ = 1)."""
+    if num_classes <= 0 or scale == 1.0:
+        return den
+    return CFGDenoiser(den, scale, null_label=num_classes)
+
+
+def finite_rows(*tensors: torch.Tensor) -> torch.Tensor:
+    """Per-sample mask of rows that are finite in every tensor (NaN samples are dropped)."""
+    mask = None
+    for t in tensors:
+        m = torch.isfinite(t.detach()).flatten(1).all(1)
+        mask = m if mask is None else mask & m
+    return mask
+
+
+class FakeScoreMethod(Method):
+    """Base of the fake-score family; subclasses implement :meth:`generator_loss`."""
+
+    Config = FakeScoreConfig
+    uses_data = False
+    train_defaults = {"ema_halflife_kimg": 20.0, "ema_rampup": 0.5, "snapshot_every_kimg": 20.0,
+                      "checkpoint_every_kimg": 20.0}
+
+    def __init__(self, config, teacher: nn.Module, generator: nn.Module, fake: nn.Module, data_info: DataInfo):
+        super().__init__(config)
+        self.teacher = teacher
+        self.G = generator
+        self.fake = fake
+        self.nets = {"generator": generator, "fake": fake}
+        self.frozen = {"teacher": teacher}
+        self.ema_net = "generator"
+        self.data_info = data_info
+
+    @classmethod
+    def create(cls, config, *, teacher: FewstepModel, dataset=None, init: FewstepModel | None = None):
+        """Generator and fake score both start from the teacher's weights (or from ``init``)."""
+        src = init or teacher
+        if not isinstance(src.denoiser, EDMPrecond):
+            raise FewstepError(
+                f"{cls.name} initialises the generator and the fake score from the teacher's network, "
+                f"but this teacher ({src.config.get('type')}) has none: pass --init with a trained "
+                "fewstep denoiser of the same data (e.g. `fewstep teacher --data 8gaussians`)")
+        if init is not None and tuple(init.data_info.sample_shape) != tuple(teacher.data_info.sample_shape):
+            raise FewstepError(f"--init makes samples of shape {init.data_info.sample_shape} but the teacher "
+                               f"{teacher.data_info.sample_shape}")
+        G = copy.deepcopy(src.denoiser).train().requires_grad_(True)
+        fake = copy.deepcopy(src.denoiser).train().requires_grad_(True)
+        info = DataInfo(**{**teacher.data_info.__dict__})
+        info.num_classes = min(teacher.data_info.num_classes, src.data_info.num_classes)
+        return cls(config, teacher.denoiser, G, fake, info)
+
+    # ---- pieces ---------------------------------------------------------------------------
+    def draw_labels(self, n: int) -> torch.Tensor | None:
+        k = self.data_info.num_classes
+        return torch.randint(0, k, (n,), device=self.device) if k > 0 else None
+
+    def generate(self, n: int, labels=None, *, grad: bool) -> torch.Tensor:
+        """x_g = G(σ_init·z, σ_init)."""
+        z = torch.randn((n,) + tuple(self.data_info.sample_shape), device=self.device)
+        with torch.set_grad_enabled(grad):
+            return one_step_generate(self.G, z, self.config.sigma_init, labels)
+
+    def build_optimizers(self):
+        c = self.config
+        return {"fake": torch.optim.Adam(self.fake.parameters(), lr=c.lr_fake, betas=tuple(c.betas)),
+                "generator": torch.optim.Adam(self.G.parameters(), lr=c.lr_g, betas=tuple(c.betas))}
+
+    def fake_loss(self, batch):
+        """Step 1: EDM loss of f_ψ on fresh generated samples (no gradient into G)."""
+        c, n = self.config, self.batch_size
+        labels = self.draw_labels(n)
+        x_g = self.generate(n, labels, grad=False)
+        keep = finite_rows(x_g)
+        dropped = int((~keep).sum())
+        x_g = x_g[keep]
+        labels = labels[keep] if labels is not None else None
+        fake = guided(self.fake, c.guidance_fake_train, self.data_info.num_classes)
+        per = edm_loss(fake, x_g, labels, p_mean=c.p_mean, p_std=c.p_std, reduce=False)
+        return per.sum() * (c.loss_scale / n), {"nan_samples/fake": dropped}
+
+    def generator_step_inputs(self):
+        """A fresh generated batch x_g (with gradient into θ) and its labels."""
+        labels = self.draw_labels(self.batch_size)
+        x_g = self.generate(self.batch_size, labels, grad=True)
+        return x_g, labels
+
+    def phases(self):
+        return [Phase("fake", "fake", self.fake_loss, repeats=self.config.fake_updates),
+                Phase("generator", "generator", self._generator_phase)]
+
+    def _generator_phase(self, batch):
+        # only θ is updated: no parameter gradients for f_ψ (its input gradient still flows)
+        self.fake.requires_grad_(False)
+        try:
+            return self.generator_loss(batch)
+        finally:
+            self.fake.requires_grad_(True)
+
+    def generator_loss(self, batch):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def export_config(self) -> dict:
+        from ..nets.build import net_config
+
+        if not isinstance(self.G, EDMPrecond):
+            raise FewstepError("only fewstep networks (EDMPrecond) can be exported as checkpoints")
+        return {"format": "fewstep.model", "version": 1, "type": "generator",
+                "net": net_config(self.G.net), "precond": {"name": "edm", "sigma_data": self.G.sigma_data},
+                "data": self.data_info.to_dict(),
+                "sampling": {"sampler": "one-step", "sigma_init": self.config.sigma_init}}

@@ -1,0 +1,106 @@
+"""Atomic safetensors + JSON checkpoints.
+
+A *model checkpoint* is a folder holding ``model.safetensors`` (the weights a
+user samples with: the EMA weights where there are any) and ``config.json``
+(everything needed to rebuild the denoiser). A *training state* (optimisers,
+all networks, RNG, progress) lives beside it as ``state.safetensors`` +
+``state.json`` so that a killed run resumes exactly. Pickles are never loaded.
+Folders are written to a temporary name and renamed into place, so a crash
+never leaves a half-written checkpoint under the final name.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from ..errors import FewstepError
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+
+
+def write_checkpoint_dir(path: Path, files: dict[str, dict[str, torch.Tensor] | dict]) -> Path:
+    """Atomically write a folder of ``*.safetensors`` (tensor dicts) and ``*.json`` files.
+
+    ``files`` maps file names to contents: a dict of tensors for ``.safetensors``
+    names, a JSON-ready dict for ``.json`` names.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    try:
+        for name, content in files.items():
+            if name.endswith(".safetensors"):
+                save_file(_contiguous(content), str(tmp / name))
+            elif name.endswith(".json"):
+                (tmp / name).write_text(json.dumps(content, indent=2) + "\n")
+            else:
+                raise ValueError(f"unsupported checkpoint file {name}")
+        old = None
+        if path.exists():
+            old = path.with_name(f".{path.name}.old")
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(path, old)
+        os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    path = Path(path)
+    if not path.is_file():
+        raise FewstepError(f"checkpoint weights not found: {path}")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise FewstepError(f"checkpoint {path} is corrupt or not a safetensors file ({e}); "
+                           "re-run the command that wrote it, or resume from an earlier checkpoint") from None
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise FewstepError(f"checkpoint config not found: {path}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise FewstepError(f"checkpoint config {path} is corrupt ({e})") from None
+
+
+def load_state_dict_strict(module: torch.nn.Module, tensors: dict[str, torch.Tensor], what: str) -> None:
+    """Load weights, turning shape/key mismatches into a clear error."""
+    try:
+        module.load_state_dict(tensors, strict=True)
+    except RuntimeError as e:
+        first = str(e).splitlines()[0:3]
+        raise FewstepError(f"{what} does not match the network its config describes: {' '.join(first)}") from None

@@ -1,0 +1,77 @@
+"""Multi-process data parallelism under ``torchrun`` (gloo on CPU, nccl on GPU).
+
+The loop averages gradients of every optimiser's parameters across ranks after
+each backward pass (what DistributedDataParallel does, but it also works for
+methods whose phases alternate between networks), and broadcasts rank 0's
+weights at start so replicas stay identical.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+def init_from_env(device: torch.device) -> tuple[int, int]:
+    """Initialise the process group when launched by torchrun; return (rank, world_size)."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return 0, 1
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+@torch.no_grad()
+def broadcast_module(module: nn.Module, src: int = 0) -> None:
+    if not is_distributed():
+        return
+    for t in list(module.parameters()) + list(module.buffers()):
+        dist.broadcast(t.data, src=src)
+
+
+@torch.no_grad()
+def average_gradients(params) -> None:
+    """All-reduce-average the gradients of ``params`` (one flattened buffer)."""
+    if not is_distributed():
+        return
+    params = [p for p in params if p.grad is not None]
+    if not params:
+        return
+    flat = torch.cat([p.grad.reshape(-1) for p in params])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat /= dist.get_world_size()
+    i = 0
+    for p in params:
+        n = p.grad.numel()
+        p.grad.copy_(flat[i:i + n].view_as(p.grad))
+        i += n
+
+
+def all_reduce_mean(values: dict[str, float]) -> dict[str, float]:
+    if not is_distributed() or not values:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    t /= dist.get_world_size()
+    return dict(zip(keys, t.tolist()))
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()

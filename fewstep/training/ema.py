@@ -1,0 +1,36 @@
+"""Exponential moving average with a half-life counted in images (EDM/SiD style)."""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+
+def ema_beta(batch_images: int, halflife_kimg: float, cur_nimg: float = float("inf"),
+             rampup_ratio: float | None = None) -> float:
+    """β per step so the average has the given half-life in images seen.
+
+    With ``rampup_ratio`` the half-life is capped at ``cur_nimg·ratio`` early on (EDM).
+    """
+    halflife_nimg = halflife_kimg * 1000.0
+    if rampup_ratio is not None:
+        halflife_nimg = min(halflife_nimg, cur_nimg * rampup_ratio)
+    if halflife_nimg <= 0:
+        return 0.0
+    return 0.5 ** (batch_images / max(halflife_nimg, 1e-8))
+
+
+class EMA:
+    """Keeps an EMA copy of a network (parameters averaged, buffers copied)."""
+
+    def __init__(self, net: nn.Module):
+        self.net = net
+        self.ema = copy.deepcopy(net).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, beta: float) -> None:
+        for p_ema, p in zip(self.ema.parameters(), self.net.parameters()):
+            p_ema.lerp_(p.detach(), 1.0 - beta)
+        for b_ema, b in zip(self.ema.buffers(), self.net.buffers()):
+            b_ema.copy_(b)

@@ -1,0 +1,383 @@
+"""The one training loop shared by teacher training and every distillation method.
+
+Per iteration: ``method.begin_iteration`` → each declared :class:`Phase` (zero grad,
+loss, backward, gradient all-reduce across ranks, non-finite gradients cleaned,
+clipping, optimiser step) → ``method.end_iteration`` → EMA of the student.
+Progress is counted in images seen (kimg), as EDM and SiD do. The loop writes
+the run folder (:mod:`fewstep.training.run_dir`): stats, sample pictures over
+time, periodic evaluations, resumable training states and the exported model.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from ..config import require, to_dict
+from ..errors import FewstepError
+from ..methods.base import Method
+from . import distributed as dist
+from .checkpoint import read_json, read_tensors, write_checkpoint_dir
+from .ema import EMA, ema_beta
+from .run_dir import RunDir
+
+
+@dataclass
+class TrainConfig:
+    """Options of the shared loop (method-specific ones live in each method's config)."""
+
+    total_kimg: float = field(default=100.0, metadata={"help": "training length in thousands of images seen"})
+    batch_size: int = field(default=64, metadata={"help": "images per iteration and process"})
+    seed: int = field(default=0, metadata={"help": "seed of networks, noise and data order"})
+    ema_halflife_kimg: float = field(default=10.0, metadata={"help": "EMA half-life of the student in kimg (0 = no EMA)"})
+    ema_rampup: float | None = field(default=0.05, metadata={"help": "cap the EMA half-life at this fraction of images seen (EDM); null = off"})
+    grad_clip: float | None = field(default=None, metadata={"help": "clip each optimiser's gradient norm to this"})
+    log_every_kimg: float = field(default=1.0, metadata={"help": "write stats every this many kimg"})
+    snapshot_every_kimg: float = field(default=10.0, metadata={"help": "sample picture + exported model every this many kimg"})
+    checkpoint_every_kimg: float = field(default=10.0, metadata={"help": "resumable training state every this many kimg"})
+    eval_every_kimg: float = field(default=0.0, metadata={"help": "in-run evaluation every this many kimg (0 = only at the end)"})
+    keep_checkpoints: int = field(default=2, metadata={"help": "training states kept on disk"})
+    max_minutes: float | None = field(default=None, metadata={"help": "stop after this wall-clock budget (minutes)"})
+    max_nonfinite: int = field(default=20, metadata={"help": "abort after this many consecutive non-finite losses"})
+    snapshot_samples: int = field(default=64, metadata={"help": "samples in each snapshot picture"})
+    device: str = field(default="cpu", metadata={"help": "cpu, cuda, cuda:1, ..."})
+    tensorboard: bool = field(default=False, metadata={"help": "also write TensorBoard event files"})
+    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+
+    def validate(self) -> None:
+        require(self.total_kimg > 0, f"total_kimg must be > 0, got {self.total_kimg}")
+        require(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        require(self.ema_halflife_kimg >= 0, f"ema_halflife_kimg must be >= 0, got {self.ema_halflife_kimg}")
+        require(self.grad_clip is None or self.grad_clip > 0, f"grad_clip must be > 0, got {self.grad_clip}")
+        for k in ("log_every_kimg", "snapshot_every_kimg", "checkpoint_every_kimg"):
+            require(getattr(self, k) > 0, f"{k} must be > 0, got {getattr(self, k)}")
+        require(self.eval_every_kimg >= 0, f"eval_every_kimg must be >= 0, got {self.eval_every_kimg}")
+        require(self.keep_checkpoints >= 1, "keep_checkpoints must be >= 1")
+        require(self.max_minutes is None or self.max_minutes > 0, "max_minutes must be > 0")
+
+
+Evaluator = Callable[["object"], dict]  # FewstepModel -> metrics
+
+
+# ---- optimiser state <-> safetensors ------------------------------------------------------------
+def _flatten_optimizer(opt: torch.optim.Optimizer, prefix: str) -> tuple[dict, dict]:
+    sd = opt.state_dict()
+    tensors, state_meta = {}, {}
+    for idx, st in sd["state"].items():
+        state_meta[str(idx)] = {}
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"{prefix}.{idx}.{k}"] = v
+            else:
+                state_meta[str(idx)][k] = v
+    return tensors, {"param_groups": sd["param_groups"], "state": state_meta}
+
+
+def _unflatten_optimizer(opt: torch.optim.Optimizer, prefix: str, tensors: dict, meta: dict) -> None:
+    state: dict[int, dict] = {int(i): dict(v) for i, v in meta["state"].items()}
+    for key, v in tensors.items():
+        if key.startswith(prefix + "."):
+            idx, name = key[len(prefix) + 1:].split(".", 1)
+            state.setdefault(int(idx), {})[name] = v
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+class Trainer:
+    """Runs a :class:`Method` to completion, resumably, in a run folder."""
+
+    def __init__(self, method: Method, config: TrainConfig, run_dir: str, *, dataset=None,
+                 evaluator: Evaluator | None = None, run_config: dict | None = None):
+        self.method = method
+        self.cfg = config
+        self.device = torch.device(config.device)
+        self.rank, self.world = dist.init_from_env(self.device)
+        self.run = RunDir(run_dir, main_process=self.rank == 0)
+        self.dataset = dataset
+        self.evaluator = evaluator
+        self.run_config = run_config or {}
+        if method.uses_data and dataset is None:
+            raise FewstepError(f"method {method.name!r} trains on data: give a dataset")
+        self.nimg = 0
+        self.iteration = 0
+        self.elapsed = 0.0  # seconds of training (excluding evaluation), across resumes
+        self.eval_seconds = 0.0
+        self.nonfinite_total = 0
+        self.nonfinite_grads = 0
+        self._nonfinite_streak = 0
+        self._pause = 0.0  # seconds of this process spent on evaluation/snapshots (not training)
+
+    # ---- set-up -------------------------------------------------------------------------
+    def _setup(self) -> None:
+        m = self.method
+        m.to(self.device)
+        m.batch_size = self.cfg.batch_size
+        for net in m.nets.values():
+            dist.broadcast_module(net)
+        for net in m.frozen.values():
+            net.eval().requires_grad_(False)
+        m.optimizers = m.build_optimizers()
+        self.ema = EMA(m.nets[m.ema_net]) if (m.ema_net and self.cfg.ema_halflife_kimg > 0) else None
+        # Per-rank streams: global torch RNG (noise inside losses) and the data order.
+        torch.manual_seed(self.cfg.seed * 7919 + self.rank)
+        self.data_gen = torch.Generator().manual_seed(self.cfg.seed * 104729 + 17 + self.rank)
+
+    def _student_net(self):
+        m = self.method
+        if m.ema_net is None:
+            return None
+        return self.ema.ema if self.ema is not None else m.nets[m.ema_net]
+
+    # ---- checkpoints --------------------------------------------------------------------
+    def _state_name(self) -> str:
+        return f"state-{self.iteration:08d}"
+
+    def save_state(self) -> None:
+        if self.rank != 0:
+            dist.barrier()
+            return
+        m = self.method
+        tensors: dict[str, torch.Tensor] = {}
+        meta: dict = {"iteration": self.iteration, "nimg": self.nimg, "elapsed": self.elapsed,
+                      "eval_seconds": self.eval_seconds, "nonfinite_total": self.nonfinite_total,
+                      "nonfinite_grads": self.nonfinite_grads, "optimizers": {}, "world_size": self.world}
+        for name, net in m.nets.items():
+            tensors.update({f"net.{name}.{k}": v for k, v in net.state_dict().items()})
+        if self.ema is not None:
+            tensors.update({f"ema.{k}": v for k, v in self.ema.ema.state_dict().items()})
+        for name, opt in m.optimizers.items():
+            t, om = _flatten_optimizer(opt, f"opt.{name}")
+            tensors.update(t)
+            meta["optimizers"][name] = om
+        tensors["rng.torch"] = torch.get_rng_state()
+        tensors["rng.data"] = self.data_gen.get_state()
+        et, em = m.extra_state()
+        tensors.update({f"extra.{k}": v for k, v in et.items()})
+        meta["extra"] = em
+        write_checkpoint_dir(self.run.checkpoints / self._state_name(),
+                             {"state.safetensors": tensors, "state.json": meta})
+        states = sorted(self.run.checkpoints.glob("state-*"))
+        import shutil
+
+        for old in states[:-self.cfg.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+        dist.barrier()
+
+    def latest_state(self):
+        states = sorted(p for p in self.run.checkpoints.glob("state-*")
+                        if (p / "state.json").is_file() and (p / "state.safetensors").is_file())
+        return states[-1] if states else None
+
+    def load_state(self, path) -> None:
+        m = self.method
+        meta = read_json(path / "state.json")
+        tensors = read_tensors(path / "state.safetensors")
+        if meta.get("world_size", 1) != self.world:
+            self.run.log(f"note: resuming a {meta.get('world_size')}-process run with {self.world} processes", echo=True)
+        for name, net in m.nets.items():
+            p = f"net.{name}."
+            net.load_state_dict({k[len(p):]: v for k, v in tensors.items() if k.startswith(p)})
+        if self.ema is not None:
+            self.ema.ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
+        m.load_extra_state({k[6:]: v for k, v in tensors.items() if k.startswith("extra.")}, meta.get("extra", {}))
+        m.optimizers = m.build_optimizers()  # the method may have changed networks (stages)
+        for name, opt in m.optimizers.items():
+            _unflatten_optimizer(opt, f"opt.{name}", tensors, meta["optimizers"][name])
+        torch.set_rng_state(tensors["rng.torch"])
+        self.data_gen.set_state(tensors["rng.data"])
+        self.iteration, self.nimg = meta["iteration"], meta["nimg"]
+        self.elapsed, self.eval_seconds = meta["elapsed"], meta.get("eval_seconds", 0.0)
+        self.nonfinite_total = meta.get("nonfinite_total", 0)
+        self.nonfinite_grads = meta.get("nonfinite_grads", 0)
+        for name in ("stats.jsonl", "metrics.jsonl"):
+            self.run.truncate_jsonl(name, self.nimg)
+
+    # ---- pieces of an iteration ---------------------------------------------------------
+    def _batch(self):
+        if not self.method.uses_data:
+            return None
+        ds = self.dataset
+        idx = torch.randint(0, len(ds), (self.cfg.batch_size,), generator=self.data_gen)
+        x = ds.x[idx].to(self.device)
+        labels = ds.labels[idx].to(self.device) if getattr(ds, "labels", None) is not None else None
+        return x, labels
+
+    def _run_phase(self, phase, batch, stats: dict) -> None:
+        opt = self.method.optimizers[phase.optimizer]
+        params = [p for g in opt.param_groups for p in g["params"]]
+        for _ in range(phase.repeats):
+            opt.zero_grad(set_to_none=True)
+            loss, pstats = phase.loss(batch)
+            if not torch.isfinite(loss):
+                self.nonfinite_total += 1
+                self._nonfinite_streak += 1
+                self.run.log(f"iteration {self.iteration}: non-finite {phase.name} loss ({loss.item()}); step skipped", echo=True)
+                if self._nonfinite_streak >= self.cfg.max_nonfinite:
+                    raise FewstepError(
+                        f"{self._nonfinite_streak} consecutive non-finite losses in phase {phase.name!r}; "
+                        "stopping. Lower the learning rate, or resume from an earlier checkpoint in "
+                        f"{self.run.checkpoints}")
+                continue
+            self._nonfinite_streak = 0
+            loss.backward()
+            dist.average_gradients(params)
+            bad = 0
+            for p in params:
+                if p.grad is not None and not torch.isfinite(p.grad).all():
+                    bad += 1
+                    torch.nan_to_num_(p.grad, nan=0.0, posinf=0.0, neginf=0.0)
+            if bad:
+                self.nonfinite_grads += 1
+            if self.cfg.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
+            opt.step()
+            stats.setdefault(f"loss/{phase.name}", []).append(float(loss.detach()))
+            for k, v in pstats.items():
+                stats.setdefault(k, []).append(float(v))
+
+    def _snapshot(self, final: bool = False) -> None:
+        net = self._student_net()
+        if net is None or self.rank != 0:
+            return
+        model = self.method.student_model(net)
+        cfg = dict(model.config)
+        cfg["provenance"] = {**cfg.get("provenance", {}), "method": self.method.name,
+                             "kimg": round(self.nimg / 1000, 3), "iteration": self.iteration,
+                             "run": str(self.run.root)}
+        model.config = cfg
+        model.save(self.run.model_dir)
+        try:
+            from ..eval.plots import save_samples_picture
+        except ImportError:  # pragma: no cover
+            return
+        res = model.sample(self.cfg.snapshot_samples, seed=0)
+        name = "final.png" if final else f"samples-{self.nimg // 1000:07d}kimg.png"
+        save_samples_picture(res.x, self.run.root / "samples" / name, model.data_info.kind,
+                             title=f"{self.method.name} · {self.nimg / 1000:.1f} kimg · NFE {res.nfe}")
+
+    def _evaluate(self) -> dict | None:
+        if self.evaluator is None or self.rank != 0:
+            return None
+        t0 = time.perf_counter()
+        model = self.method.student_model(self._student_net())
+        metrics = self.evaluator(model)
+        dt = time.perf_counter() - t0
+        self.eval_seconds += dt
+        rec = {"nimg": self.nimg, "kimg": self.nimg / 1000, "iteration": self.iteration,
+               "train_seconds": self.elapsed, "eval_seconds": dt, **metrics}
+        self.run.append_jsonl("metrics.jsonl", rec)
+        self.run.scalars({f"eval/{k}": v for k, v in metrics.items()}, self.nimg)
+        share = self.eval_seconds / max(self.elapsed + self.eval_seconds, 1e-9)
+        self.run.log(f"eval at {self.nimg / 1000:.1f} kimg: "
+                     + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, (int, float)))
+                     + f" ({dt:.1f}s; evaluation share of time so far {share:.1%})")
+        return metrics
+
+    # ---- the loop -----------------------------------------------------------------------
+    def run_training(self, *, max_iterations: int | None = None) -> dict:
+        """Train until ``total_kimg`` (or the time budget / ``max_iterations``); returns a summary."""
+        cfg, m = self.cfg, self.method
+        self._setup()
+        if self.run.main:
+            self.run.write_json("config.json", {**self.run_config, "train": to_dict(cfg)})
+        state = self.latest_state()
+        if state is not None:
+            self.load_state(state)
+            self.run.log(f"resumed from {state.name} at {self.nimg / 1000:.3f} kimg", echo=True)
+        else:
+            self.run.log(f"start: method={m.name} device={self.device} processes={self.world}")
+        if cfg.tensorboard:
+            self.run.enable_tensorboard()
+        total = int(round(cfg.total_kimg * 1000))
+        per_iter = m.images_per_iteration(cfg.batch_size) * self.world
+        marks = {k: self.nimg // int(getattr(cfg, f"{k}_every_kimg") * 1000)
+                 for k in ("log", "snapshot", "checkpoint")}
+        eval_mark = self.nimg // int(cfg.eval_every_kimg * 1000) if cfg.eval_every_kimg > 0 else None
+        stats: dict[str, list] = {}
+        bar = None
+        if self.run.main and cfg.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=total / 1000, initial=self.nimg / 1000, unit="kimg", desc=m.name,
+                       bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} kimg [{elapsed}<{remaining}{postfix}]")
+        t_start = time.perf_counter()
+        elapsed0 = self.elapsed
+        iters_this_run = 0
+        last_metric = None
+        stop_reason = "done"
+        while self.nimg < total:
+            if max_iterations is not None and iters_this_run >= max_iterations:
+                stop_reason = "max_iterations"
+                break
+            if cfg.max_minutes is not None and self.elapsed >= cfg.max_minutes * 60:
+                stop_reason = "time budget"
+                break
+            t_it = time.perf_counter()
+            m.begin_iteration(self.nimg, total)
+            batch = self._batch()
+            for phase in m.phases():
+                self._run_phase(phase, batch, stats)
+            m.end_iteration(self.nimg)
+            self.nimg += per_iter
+            self.iteration += 1
+            iters_this_run += 1
+            if self.ema is not None:
+                beta = ema_beta(per_iter, cfg.ema_halflife_kimg, self.nimg, cfg.ema_rampup)
+                self.ema.update(beta)
+            self.elapsed = elapsed0 + (time.perf_counter() - t_start) - self._pause
+            stats.setdefault("sec_per_iter", []).append(time.perf_counter() - t_it)
+            if bar is not None:
+                bar.update(per_iter / 1000)
+            crossed = {k: self.nimg // int(getattr(cfg, f"{k}_every_kimg") * 1000) > marks[k] for k in marks}
+            done = self.nimg >= total
+            if crossed["log"] or done:
+                marks["log"] = self.nimg // int(cfg.log_every_kimg * 1000)
+                rec = {k: sum(v) / len(v) for k, v in stats.items() if v}
+                rec = dist.all_reduce_mean(rec)
+                rec.update({"nimg": self.nimg, "kimg": self.nimg / 1000, "iteration": self.iteration,
+                            "train_seconds": round(self.elapsed, 3), "nonfinite_losses": self.nonfinite_total,
+                            "nonfinite_grad_steps": self.nonfinite_grads})
+                self.run.append_jsonl("stats.jsonl", rec)
+                self.run.scalars({k: v for k, v in rec.items() if "/" in k or k == "sec_per_iter"}, self.nimg)
+                if bar is not None:
+                    post = {k.split("/", 1)[1]: f"{v:.4g}" for k, v in rec.items() if k.startswith("loss/")}
+                    post["it/s"] = f"{1.0 / max(rec.get('sec_per_iter', 1e-9), 1e-9):.1f}"
+                    if last_metric:
+                        post.update(last_metric)
+                    bar.set_postfix(post, refresh=False)
+                stats = {}
+            if eval_mark is not None and self.nimg // int(cfg.eval_every_kimg * 1000) > eval_mark and not done:
+                eval_mark = self.nimg // int(cfg.eval_every_kimg * 1000)
+                t_e = time.perf_counter()
+                res = self._evaluate()
+                self._pause += time.perf_counter() - t_e
+                if res:
+                    k0 = next(iter(res))
+                    last_metric = {k0: f"{res[k0]:.4g}"}
+            if crossed["snapshot"] and not done:
+                marks["snapshot"] = self.nimg // int(cfg.snapshot_every_kimg * 1000)
+                t_e = time.perf_counter()
+                self._snapshot()
+                self._pause += time.perf_counter() - t_e
+            if crossed["checkpoint"] and not done:
+                marks["checkpoint"] = self.nimg // int(cfg.checkpoint_every_kimg * 1000)
+                self.save_state()
+        if bar is not None:
+            bar.close()
+        self.save_state()
+        self._snapshot(final=stop_reason != "max_iterations")
+        final_metrics = self._evaluate() if stop_reason != "max_iterations" else None
+        summary = {"method": m.name, "stop_reason": stop_reason, "nimg": self.nimg, "kimg": self.nimg / 1000,
+                   "iterations": self.iteration, "train_seconds": round(self.elapsed, 3),
+                   "eval_seconds": round(self.eval_seconds, 3),
+                   "sec_per_iter": self.elapsed / max(self.iteration, 1),
+                   "nonfinite_losses": self.nonfinite_total, "nonfinite_grad_steps": self.nonfinite_grads,
+                   "processes": self.world, "final_metrics": final_metrics}
+        self.run.write_json("summary.json", summary)
+        self.run.log(f"stopped ({stop_reason}) at {self.nimg / 1000:.3f} kimg after {self.elapsed:.1f}s of training", echo=cfg.progress)
+        self.run.close()
+        return summary
+
+
+__all__ = ["TrainConfig", "Trainer"]

@@ -1,0 +1,185 @@
+"""The shared training loop: learning, checkpoints, exact resume, NaN handling, data parallelism."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from fewstep.data import load_dataset
+from fewstep.diffusion.denoiser import edm_loss
+from fewstep.diffusion.mixture import preset
+from fewstep.errors import FewstepError
+from fewstep.methods.base import DataInfo, Method, Phase
+from fewstep.model import load_model
+from fewstep.teachers.training import EDMTeacher, TeacherConfig
+from fewstep.training.loop import TrainConfig, Trainer
+
+INFO = DataInfo(kind="points", sample_shape=(2,), name="8gaussians")
+
+
+def _teacher(net, seed=0):
+    torch.manual_seed(seed)
+    return EDMTeacher(TeacherConfig(net=net, lr=2e-3, lr_rampup_kimg=0.5), INFO)
+
+
+def _cfg(**kw):
+    base = dict(total_kimg=6.4, batch_size=128, ema_halflife_kimg=0.5, log_every_kimg=0.64,
+                snapshot_every_kimg=100, checkpoint_every_kimg=1.28, progress=False, snapshot_samples=16)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _fixed_loss(den, x0):
+    g = torch.Generator().manual_seed(0)
+    sigma = (torch.randn(x0.shape[0], generator=g) * 1.2 - 1.2).exp()
+    noise = torch.randn(x0.shape, generator=g)
+    with torch.no_grad():
+        return float(edm_loss(den, x0, sigma=sigma, noise=noise))
+
+
+def test_teacher_loss_decreases_and_model_round_trips(tmp_path, tiny_mlp):
+    """The EDM loss approaches its floor: the loss of the exact mixture denoiser (DESIGN §2)."""
+    ds = load_dataset("8gaussians", split="train", n=4000)
+    held = load_dataset("8gaussians", split="test", n=2000).x
+    floor = _fixed_loss(preset("ring8").denoiser(), held)
+    m = _teacher(tiny_mlp)
+    before = _fixed_loss(m.denoiser, held)
+    summary = Trainer(m, _cfg(total_kimg=25.6, log_every_kimg=2.56), tmp_path / "run", dataset=ds).run_training()
+    after = _fixed_loss(m.denoiser, held)
+    assert after - floor < 0.6 * (before - floor), (floor, before, after)
+    assert summary["nimg"] == 25600 and summary["stop_reason"] == "done"
+    stats = [json.loads(line) for line in (tmp_path / "run" / "stats.jsonl").read_text().splitlines()]
+    assert len(stats) == 10 and stats[-1]["kimg"] == pytest.approx(25.6)
+    # the exported model (EMA weights) reloads to identical outputs
+    model = load_model(tmp_path / "run")
+    x, s = torch.randn(8, 2), torch.rand(8) + 0.1
+    again = load_model(tmp_path / "run" / "model" / "model.safetensors")
+    torch.testing.assert_close(model.denoiser(x, s), again.denoiser(x, s), rtol=0, atol=0)
+    assert model.config["provenance"]["kimg"] == pytest.approx(25.6)
+
+
+def _weights(trainer):
+    m = trainer.method
+    out = {f"net.{k}": v.clone() for n in m.nets.values() for k, v in n.state_dict().items()}
+    out.update({f"ema.{k}": v.clone() for k, v in trainer.ema.ema.state_dict().items()})
+    return out
+
+
+def test_interrupted_run_resumes_exactly(tmp_path, tiny_mlp):
+    ds = load_dataset("8gaussians", split="train", n=2000)
+    full = Trainer(_teacher(tiny_mlp), _cfg(total_kimg=2.56), tmp_path / "a", dataset=ds)
+    full.run_training()
+    part = Trainer(_teacher(tiny_mlp), _cfg(total_kimg=2.56), tmp_path / "b", dataset=ds)
+    part.run_training(max_iterations=7)  # stops mid-way, between checkpoints
+    assert part.iteration == 7
+    resumed = Trainer(_teacher(tiny_mlp, seed=99), _cfg(total_kimg=2.56), tmp_path / "b", dataset=ds)
+    resumed.run_training()
+    a, b = _weights(full), _weights(resumed)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    stats = (tmp_path / "b" / "stats.jsonl").read_text().splitlines()
+    assert [json.loads(s)["nimg"] for s in stats] == [json.loads(s)["nimg"] for s in
+                                                       (tmp_path / "a" / "stats.jsonl").read_text().splitlines()]
+
+
+def _cli(*args):
+    return [sys.executable, "-m", "fewstep", *args]
+
+
+def test_killed_cli_run_resumes_and_matches_uninterrupted(tmp_path):
+    args = ["teacher", "--data", "8gaussians", "--net", json.dumps({"name": "mlp", "dim": 2, "width": 32,
+            "depth": 2, "emb_channels": 16}), "--total-kimg", "12.8", "--batch-size", "64",
+            "--checkpoint-every-kimg", "0.64", "--snapshot-every-kimg", "100", "--no-progress",
+            "--ema-halflife-kimg", "0.5"]
+    env = {**os.environ, "FEWSTEP_THREADS": "1"}
+    ref = subprocess.run(_cli(*args, "--out", str(tmp_path / "ref")), env=env, capture_output=True, text=True)
+    assert ref.returncode == 0, ref.stderr
+    run = tmp_path / "killed"
+    p = subprocess.Popen(_cli(*args, "--out", str(run)), env=env, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list((run / "checkpoints").glob("state-*"))) < 2:
+        time.sleep(0.05)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert not (run / "summary.json").exists(), "the run finished before it could be killed"
+    res = subprocess.run(_cli(*args, "--out", str(run)), env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert "resumed from state-" in (run / "log.txt").read_text()
+    a = load_model(tmp_path / "ref").denoiser.state_dict()
+    b = load_model(run).denoiser.state_dict()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+class _NaNMethod(Method):
+    name = "nan-test"
+
+    def __init__(self, nan_every):
+        super().__init__(None)
+        self.w = torch.nn.Linear(2, 2)
+        self.nets = {"w": self.w}
+        self.nan_every = nan_every
+        self.calls = 0
+
+    def build_optimizers(self):
+        return {"w": torch.optim.SGD(self.w.parameters(), lr=0.1)}
+
+    def loss(self, batch):
+        self.calls += 1
+        loss = self.w(torch.ones(1, 2)).pow(2).sum()
+        if self.calls % self.nan_every == 0:
+            loss = loss * float("nan")
+        return loss, {}
+
+    def phases(self):
+        return [Phase("w", "w", self.loss)]
+
+    def export_config(self):
+        return {}
+
+
+def test_nonfinite_losses_are_skipped_and_counted_then_stop(tmp_path):
+    m = _NaNMethod(nan_every=3)
+    s = Trainer(m, _cfg(total_kimg=1.28, batch_size=64), tmp_path / "r").run_training()
+    assert s["nonfinite_losses"] == 20 // 3
+    assert all(torch.isfinite(p).all() for p in m.w.parameters())
+    assert "non-finite w loss" in (tmp_path / "r" / "log.txt").read_text()
+    with pytest.raises(FewstepError, match="consecutive non-finite"):
+        Trainer(_NaNMethod(nan_every=1), _cfg(total_kimg=1.28, batch_size=64, max_nonfinite=5),
+                tmp_path / "r2").run_training()
+
+
+def test_bad_config_values_are_clear_errors():
+    with pytest.raises(FewstepError, match="batch_size must be >= 1"):
+        from fewstep.config import from_dict
+
+        from_dict(TrainConfig, {"batch_size": 0})
+    with pytest.raises(FewstepError, match="unknown key"):
+        from fewstep.config import from_dict
+
+        from_dict(TrainConfig, {"batchsize": 3})
+
+
+def test_two_process_data_parallel_keeps_replicas_identical(tmp_path):
+    script = Path(__file__).parent / "helpers" / "ddp_run.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_port", "29517", str(script), str(tmp_path)], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    w0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    w1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    assert w0.keys() == w1.keys()
+    for k in w0:
+        assert torch.equal(w0[k], w1[k]), k
+    init = torch.load(tmp_path / "init1.pt", weights_only=True)
+    assert any(not torch.equal(init[k], w1[f"net.{k}"]) for k in init)  # it did train
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["processes"] == 2 and summary["nimg"] == 2 * 64 * summary["iterations"]
