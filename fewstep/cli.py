@@ -112,9 +112,7 @@ def cmd_teacher(args) -> int:
 def _preset_for(ds) -> dict:
     from .nets import preset_net
 
-    if ds.kind == "images":
-        return preset_net(ds.name, sample_shape=tuple(ds.sample_shape))
-    return preset_net("points", sample_shape=tuple(ds.sample_shape))
+    return preset_net(ds)
 
 
 # ---- fewstep distill --------------------------------------------------------------------------------
@@ -185,7 +183,7 @@ def cmd_sample(args) -> int:
             torch.arange(args.n) % model.data_info.num_classes if model.data_info.num_classes else None)
         np.savez(out, x=x.numpy(), **({"labels": lab.cpu().numpy()} if lab is not None else {}))
     elif out.suffix.lower() in (".png", ".jpg", ".jpeg"):
-        from .eval.plots import save_samples_picture
+        from .eval.pictures import save_samples_picture
 
         save_samples_picture(x, out, model.data_info.kind, title=f"NFE {res.nfe}")
     else:
@@ -211,6 +209,14 @@ def cmd_eval(args) -> int:
 
         atomic_write_text(Path(args.json), text + "\n")
     print(text)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    _threads()
+    run_demo(args.out, data=args.data, minutes=args.minutes, n_eval=args.n, seed=args.seed)
     return 0
 
 
@@ -298,6 +304,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, help="also write the metrics to this file")
     _sampling_args(p)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("demo", help="distil a shipped teacher with SiD for a few minutes and compare",
+                       description="The main job in one command: SiD-distil the shipped teacher, then show "
+                                   "teacher and one-step student side by side with metrics, NFE and speed.")
+    p.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
+    p.add_argument("--data", default="mnist5k", help="which shipped teacher (default mnist5k)")
+    p.add_argument("--minutes", type=float, default=4.0, help="SiD wall-clock budget (default 4)")
+    p.add_argument("--n", type=int, default=1000, help="samples per evaluation (default 1000)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("datasets", help="list the built-in datasets and mixture teachers")
     p.set_defaults(func=cmd_datasets)

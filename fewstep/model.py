@@ -12,7 +12,8 @@ A model checkpoint is a folder with ``model.safetensors`` and ``config.json``::
      "provenance": {...}}
 
 ``load_model`` accepts such a folder, a run folder (its ``model/``), the
-``model.safetensors`` file itself, or ``mixture:<preset>`` for an exact mixture.
+``model.safetensors`` file itself, ``shipped:<name>`` for a reference teacher
+shipped with fewstep, or ``mixture:<preset>`` for an exact mixture.
 """
 from __future__ import annotations
 
@@ -186,6 +187,10 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> FewstepM
     spec = str(path)
     if spec.startswith("mixture:"):
         return mixture_model(spec.split(":", 1)[1]).to(device)
+    if spec.startswith("shipped:"):
+        from .demo import shipped_teacher
+
+        path = shipped_teacher(spec.split(":", 1)[1])
     d = resolve_model_dir(path)
     config = read_json(d / "config.json")
     if config.get("format") != FORMAT:

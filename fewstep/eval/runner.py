@@ -37,17 +37,12 @@ def measure(samples: torch.Tensor, data: str, *, labels=None, seed: int = 0) -> 
         g = torch.Generator().manual_seed(seed + 1)
         ref = mix.sample(samples.shape[0], generator=g).float()
         return evaluate_samples(samples, mixture=mix, reference=ref, seed=seed)
+    out = evaluate_samples(samples, dataset=data, labels=labels, seed=seed)
+    if out["kind"] != "images":
+        return out
     from ..data import load_dataset
 
-    ds = load_dataset(data, split="test" if data else "all")
-    if ds.kind == "points":
-        from . import metrics as M
-
-        ref = ds.x[: samples.shape[0]]
-        mmd, _ = M.rbf_mmd2(samples, ref)
-        return {"kind": "points", "n": int(samples.shape[0]), "n_reference": int(ref.shape[0]),
-                "mmd2_rbf": mmd, "sliced_wasserstein": M.sliced_wasserstein(samples, ref, seed=seed)}
-    out = evaluate_samples(samples, dataset=data, labels=labels, seed=seed)
+    ds = load_dataset(data, split="test")
     n_test = len(ds)
     n_floor = min(out["n"], n_test)
     name = out["feature_net"]

@@ -91,6 +91,7 @@ class Method(abc.ABC):
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         self.device = torch.device("cpu")
         self.batch_size = 64  # images per iteration and process; the loop sets it from its config
+        self.run_dir = None  # the run folder (a Path); the loop sets it before training
 
     # ---- set-up -------------------------------------------------------------------------
     def to(self, device: torch.device) -> "Method":

@@ -113,6 +113,7 @@ class Trainer:
         m = self.method
         m.to(self.device)
         m.batch_size = self.cfg.batch_size
+        m.run_dir = self.run.root  # methods may write artefacts of their own there (e.g. stage students)
         for net in m.nets.values():
             dist.broadcast_module(net)
         for net in m.frozen.values():
@@ -248,7 +249,7 @@ class Trainer:
         model.config = cfg
         model.save(self.run.model_dir)
         try:
-            from ..eval.plots import save_samples_picture
+            from ..eval.pictures import save_samples_picture
         except ImportError:  # pragma: no cover
             return
         res = model.sample(self.cfg.snapshot_samples, seed=0)
@@ -299,7 +300,8 @@ class Trainer:
         if self.run.main and cfg.progress:
             from tqdm import tqdm
 
-            bar = tqdm(total=total / 1000, initial=self.nimg / 1000, unit="kimg", desc=m.name,
+            bar_total = -(-total // per_iter) * per_iter  # whole iterations
+            bar = tqdm(total=bar_total / 1000, initial=self.nimg / 1000, unit="kimg", desc=m.name,
                        bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} kimg [{elapsed}<{remaining}{postfix}]")
         t_start = time.perf_counter()
         elapsed0 = self.elapsed
