@@ -1,0 +1,225 @@
+"""SiD benchmarks (issue "SiD"): one-step students against their teachers.
+
+    python benchmarks/sid.py --only mixture      # exact mixture teachers (≈ 8 min)
+    python benchmarks/sid.py --only mnist5k      # FD vs images seen, ≤ 30 CPU-minutes of SiD
+    python benchmarks/sid.py --only compare      # SiD vs Diff-Instruct vs DMD, equal wall-clock, one table
+    python benchmarks/sid.py --only cost         # SiD iteration time / teacher-training step, same batch
+
+Every number states NFE, sample count and wall-clock; results go to
+benchmarks/results/sid*.json (+ plots), final students to benchmarks/results/students/.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, ROOT, RUNS, environment, fewstep, write_json  # noqa: E402
+
+SHIPPED = ROOT / "fewstep" / "assets" / "teachers"
+LIKELIHOOD_TOLERANCE = 0.05  # "within 5%": |Δ mean log-likelihood| ≤ ln(1.05) nats (likelihood ratio)
+
+
+def _eval(path_or_model, n, seed=1, **kw):
+    from fewstep.eval.runner import evaluate_model
+    from fewstep.model import load_model
+
+    model = load_model(path_or_model) if not hasattr(path_or_model, "sample") else path_or_model
+    return evaluate_model(model, n=n, seed=seed, **kw)
+
+
+def _ship_student(run: Path, name: str) -> str:
+    dest = RESULTS / "students" / name
+    if dest.exists():
+        shutil.rmtree(dest)
+    shutil.copytree(run / "model", dest)
+    return str(dest.relative_to(ROOT))
+
+
+def _distill(method: str, teacher: str, out: Path, minutes: float, *extra: str, eval_n: int = 0,
+             eval_every: float = 0.0) -> dict:
+    args = ["distill", method, "--teacher", teacher, "--out", str(out), "--total-kimg", "100000",
+            "--max-minutes", str(minutes), "--no-progress", *extra]
+    if eval_n:
+        args += ["--eval-n", str(eval_n), "--eval-every-kimg", str(eval_every)]
+    wall = fewstep(*args)
+    summary = json.loads((out / "summary.json").read_text())
+    return {"command": "fewstep " + " ".join(args).replace(str(ROOT) + "/", ""), "wall_seconds": round(wall, 1),
+            **{k: summary[k] for k in ("kimg", "iterations", "train_seconds", "eval_seconds", "sec_per_iter",
+                                       "nonfinite_losses")}}
+
+
+# ---- exact mixture teachers ------------------------------------------------------------------------
+def bench_mixture(minutes: float) -> dict:
+    out = {}
+    for preset, data in (("ring8", "8gaussians"), ("grid25", "25gaussians")):
+        run = RUNS / f"sid-mixture-{preset}"
+        shutil.rmtree(run, ignore_errors=True)
+        info = _distill("sid", f"mixture:{preset}", run, minutes, "--init", str(SHIPPED / data),
+                        "--batch-size", "256", "--lr-g", "1e-4", "--lr-fake", "1e-4",
+                        "--ema-halflife-kimg", "20", "--snapshot-every-kimg", "200", "--checkpoint-every-kimg", "200")
+        n = 20000
+        teacher = _eval(f"mixture:{preset}", n, sampler="heun", steps=18)
+        student = _eval(run, n)
+        init = _eval(SHIPPED / data, n, sampler="heun", steps=18)
+        gap = student["log_likelihood"] - teacher["log_likelihood"]
+        out[preset] = {
+            "distill": info, "n_samples": n,
+            "teacher_exact_heun35": _pick(teacher), "student_sid_1nfe": _pick(student),
+            "init_mlp_teacher_heun35": _pick(init),
+            "loglik_gap_nats": gap, "likelihood_ratio": float(__import__("math").exp(gap)),
+            "within_5pct": abs(gap) <= __import__("math").log(1 + LIKELIHOOD_TOLERANCE),
+            "all_modes_covered": student["mode_coverage"] == 1.0,
+            "student_checkpoint": _ship_student(run, f"sid-{preset}"),
+        }
+        print(json.dumps({preset: {k: v for k, v in out[preset].items() if k != "distill"}}, indent=1), flush=True)
+    return out
+
+
+def _pick(r: dict) -> dict:
+    keep = ("nfe", "n_samples", "sample_seconds", "samples_per_second", "log_likelihood", "ref_log_likelihood",
+            "mode_coverage", "balance_tv", "mmd_rbf", "sliced_wasserstein", "n_floor")
+    return {k: v for k, v in r.items() if k in keep or k.startswith(("fd_", "kid_", "precision_", "recall_",
+                                                                      "class_max_dev_"))}
+
+
+# ---- image teachers --------------------------------------------------------------------------------
+def bench_images(data: str, minutes: float, eval_every: float, batch: int, lr: str) -> dict:
+    run = RUNS / f"sid-{data}"
+    shutil.rmtree(run, ignore_errors=True)
+    n = 1000 if data == "mnist5k" else 300
+    info = _distill("sid", str(SHIPPED / data), run, minutes, "--batch-size", str(batch), "--lr-g", lr,
+                    "--lr-fake", lr, eval_n=n, eval_every=eval_every)
+    teacher = _eval(SHIPPED / data, n, sampler="heun", steps=18)
+    student = _eval(run, n)
+    fd_key = next(k for k in teacher if k.startswith("fd_") and "floor" not in k)
+    curve = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    from fewstep.eval.plots import plot_curves
+
+    xs = [r["kimg"] for r in curve]
+    plot = RESULTS / f"sid_{data}_fd_curve.png"
+    plot_curves({"SiD student (1 NFE, EMA)": (xs, [r[fd_key] for r in curve]),
+                 "teacher Heun (35 NFE)": (xs, [teacher[fd_key]] * len(xs)),
+                 "real-data floor": (xs, [teacher[fd_key.replace("fd_", "fd_floor_")]] * len(xs))},
+                plot, xlabel="images seen (kimg)", ylabel=f"FD ({fd_key[3:]}, n={n})", logy=True,
+                title=f"SiD on {data}: FD vs images seen")
+    res = {"distill": info, "n_samples": n, "teacher_heun35": _pick(teacher), "student_sid_1nfe": _pick(student),
+           "fd_key": fd_key, "student_fd_at_or_below_teacher": student[fd_key] <= teacher[fd_key],
+           "throughput_ratio_student_over_teacher": student["samples_per_second"] / teacher["samples_per_second"],
+           "curve": [{"kimg": r["kimg"], "train_seconds": r["train_seconds"], fd_key: r[fd_key]} for r in curve],
+           "curve_plot": str(plot.relative_to(ROOT)), "student_checkpoint": _ship_student(run, f"sid-{data}")}
+    print(json.dumps({k: v for k, v in res.items() if k != "curve"}, indent=1), flush=True)
+    return res
+
+
+# ---- SiD vs Diff-Instruct vs DMD at equal wall-clock -----------------------------------------------
+def bench_compare(data: str, minutes: float, batch: int, lr: str) -> dict:
+    rows = {}
+    n = 1000 if data == "mnist5k" else 300
+    teacher = _eval(SHIPPED / data, n, sampler="heun", steps=18)
+    fd_key = next(k for k in teacher if k.startswith("fd_") and "floor" not in k)
+    for method in ("sid", "diff-instruct", "dmd"):
+        run = RUNS / f"compare-{data}-{method}"
+        shutil.rmtree(run, ignore_errors=True)
+        info = _distill(method, str(SHIPPED / data), run, minutes, "--batch-size", str(batch), "--lr-g", lr,
+                        "--lr-fake", lr, eval_n=n, eval_every=max(1.0, minutes * 2.0))
+        r = _eval(run, n)
+        rows[method] = {"distill": info, "student_1nfe": _pick(r)}
+        print(method, info["kimg"], r[fd_key], flush=True)
+    table = ["| method | NFE | kimg | iterations | train s | " + fd_key + " |", "|---|---|---|---|---|---|"]
+    table.append(f"| teacher (Heun) | 35 | – | – | – | {teacher[fd_key]:.3f} |")
+    for m, r in rows.items():
+        d = r["distill"]
+        table.append(f"| {m} | 1 | {d['kimg']:.1f} | {d['iterations']} | {d['train_seconds']:.0f} | "
+                     f"{r['student_1nfe'][fd_key]:.3f} |")
+    return {"data": data, "minutes_each": minutes, "n_samples": n, "fd_key": fd_key,
+            "teacher_heun35": _pick(teacher), "methods": rows, "table": "\n".join(table)}
+
+
+# ---- cost of one SiD iteration vs one teacher-training step --------------------------------------
+def bench_cost(data: str, batch: int, iters: int = 20) -> dict:
+    import torch
+
+    from fewstep.data import load_dataset
+    from fewstep.methods.sid import SiD, SiDConfig
+    from fewstep.model import load_model
+    from fewstep.teachers.training import EDMTeacher, TeacherConfig
+
+    torch.set_num_threads(2)
+    teacher = load_model(SHIPPED / data)
+    sid = SiD.create(SiDConfig(), teacher=teacher)
+    sid.batch_size = batch
+    sid.optimizers = sid.build_optimizers()
+    edm = EDMTeacher(TeacherConfig(net=teacher.config["net"]), teacher.data_info)
+    edm.optimizers = edm.build_optimizers()
+    ds = load_dataset(data, split="train")
+    x = ds.x[:batch]
+
+    def step_teacher():
+        opt = edm.optimizers["denoiser"]
+        opt.zero_grad(set_to_none=True)
+        edm.loss((x, None))[0].backward()
+        opt.step()
+
+    def step_sid():
+        for ph in sid.phases():
+            opt = sid.optimizers[ph.optimizer]
+            opt.zero_grad(set_to_none=True)
+            ph.loss(None)[0].backward()
+            opt.step()
+
+    def timeit(fn):
+        for _ in range(3):
+            fn()
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        return (time.perf_counter() - t0) / iters
+
+    t_teacher, t_sid = [], []
+    for _ in range(3):  # interleaved repeats, median
+        t_teacher.append(timeit(step_teacher))
+        t_sid.append(timeit(step_sid))
+    med = lambda v: sorted(v)[len(v) // 2]  # noqa: E731
+    return {"data": data, "batch": batch, "iterations_timed": iters * 3, "teacher_step_seconds": med(t_teacher),
+            "sid_iteration_seconds": med(t_sid), "ratio": med(t_sid) / med(t_teacher),
+            "note": "SiD iteration = fake-score update (G forward + fake forward/backward) + generator update "
+                    "(G, teacher and fake forward, backward through all three); floor ≈ 3 teacher steps"}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", nargs="*", default=["mixture", "cost", "compare", "mnist5k"],
+                    choices=["mixture", "mnist5k", "digits", "compare", "cost"])
+    ap.add_argument("--minutes", type=float, default=None, help="override each run's wall-clock budget")
+    ap.add_argument("--compare-data", default="digits")
+    args = ap.parse_args()
+    import torch
+
+    torch.set_num_threads(2)
+    path = RESULTS / "sid.json"
+    results = json.loads(path.read_text()) if path.is_file() else {}
+    for part in args.only:
+        t0 = time.time()
+        if part == "mixture":
+            results["mixture"] = bench_mixture(args.minutes or 4.0)
+        elif part in ("mnist5k", "digits"):
+            results[part] = bench_images(part, args.minutes or (28.0 if part == "mnist5k" else 8.0),
+                                         eval_every=20.0 if part == "mnist5k" else 10.0, batch=32, lr="5e-5")
+        elif part == "compare":
+            results["compare"] = bench_compare(args.compare_data, args.minutes or 5.0, batch=32, lr="5e-5")
+        elif part == "cost":
+            results["cost"] = {d: bench_cost(d, 32) for d in ("digits", "mnist5k") if (SHIPPED / d).is_dir()}
+        results.setdefault("commands", {})[part] = f"python benchmarks/sid.py --only {part}" + (
+            f" --minutes {args.minutes}" if args.minutes else "")
+        results["environment"] = environment()
+        write_json("sid.json", results)
+        print(f"{part}: {time.time() - t0:.0f}s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
