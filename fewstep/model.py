@@ -102,7 +102,7 @@ class FewstepModel:
         override it (a one-step generator can also be used as a denoiser with any sampler).
         """
         from .diffusion.guidance import CFGDenoiser
-        from .diffusion.samplers import SampleResult, sample
+        from .diffusion.samplers import SampleResult, initial_noise, sample
 
         if n < 1:
             raise FewstepError(f"number of samples must be >= 1, got {n}")
@@ -119,8 +119,7 @@ class FewstepModel:
             den = CFGDenoiser(den, guidance, null_label=k)
         shape = (n,) + tuple(self.data_info.sample_shape)
         if sampler == ONE_STEP:
-            g = torch.Generator(device="cpu").manual_seed(int(seed))
-            z = torch.randn(shape, generator=g).to(device)
+            z = initial_noise(shape, seed, device)  # the same z the teacher's samplers start from
             bs = batch_size or n
             out = [one_step_generate(den, z[i:i + bs], recipe.get("sigma_init", 2.5),
                                      None if labels is None else labels[i:i + bs])
@@ -209,7 +208,7 @@ def mixture_model(name: str) -> FewstepModel:
         raise FewstepError(f"unknown mixture preset {name!r}; available: {', '.join(sorted(PRESETS))}")
     mix = preset(name)
     config = {"format": FORMAT, "version": 1, "type": "mixture", "mixture": mix.to_dict(),
-              "data": {"kind": "points", "sample_shape": [mix.dim], "num_classes": 0, "name": name},
+              "data": {"kind": "points", "sample_shape": [mix.dim], "num_classes": 0, "name": f"mixture:{name}"},
               "sampling": {"sampler": "heun", "steps": 18, "schedule": "karras"},
               "provenance": {"exact": True}}
     return FewstepModel(mix.denoiser(), config)

@@ -11,11 +11,15 @@ from fewstep.methods.dmd import dmd_generator_loss, dmd_grad, dmd_loss
 from fewstep.methods.fake_score import generator_sigma
 from fewstep.methods.sid import sid_generator_loss, sid_loss, sid_weight
 
-torch.set_default_dtype(torch.float64)
 
 
-def teardown_module(_):
-    torch.set_default_dtype(torch.float32)
+@pytest.fixture(autouse=True)
+def _float64():
+    """These identities are checked in float64; restore the default for other modules."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
 
 
 def _mix(shift=0.0, scale=1.0):

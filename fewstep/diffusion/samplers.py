@@ -307,6 +307,17 @@ def _per_sample_seeds(seed: int, n: int) -> list[int]:
     return torch.randint(0, 2**62, (n,), generator=torch.Generator().manual_seed(int(seed))).tolist()
 
 
+def initial_noise(shape, seed: int, device="cpu") -> torch.Tensor:
+    """The unit-variance noise that :func:`sample` starts sample i from for this ``seed``.
+
+    One-step generators draw their z with it, so a teacher and its student given the
+    same seed start from the same noise (x_T = σ_max·z for the teacher, σ_init·z for G).
+    """
+    shape = tuple(int(s) for s in shape)
+    gens = [torch.Generator().manual_seed(s) for s in _per_sample_seeds(seed, shape[0])]
+    return randn_like(torch.empty(shape, device=device), gens)
+
+
 def sample(denoiser: nn.Module, shape, *, sampler: str = "heun", steps: int = 18,
            schedule: str = "karras", sigmas: torch.Tensor | None = None, labels=None,
            seed: int | None = None, generator: torch.Generator | None = None,
@@ -368,5 +379,5 @@ def sample(denoiser: nn.Module, shape, *, sampler: str = "heun", steps: int = 18
 __all__ = [
     "SampleResult", "randn_like", "to_d", "euler", "heun", "ddim", "dpmpp_2m", "ancestral_sigmas",
     "SAMPLERS", "get_sampler", "nfe", "SCHEDULES", "make_sigmas", "vp_uniform_sigmas",
-    "cosine_sigmas", "exponential_sigmas", "sample",
+    "cosine_sigmas", "exponential_sigmas", "initial_noise", "sample",
 ]

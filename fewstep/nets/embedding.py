@@ -1,0 +1,96 @@
+"""Noise-level and class embeddings shared by the backbones.
+
+Backbones receive ``c_noise = ¼ ln σ`` (EDM). It is embedded either with EDM's
+DDPM++ sinusoidal ``positional`` embedding or with random ``fourier``
+features (NCSN++ style, frequencies ~ N(0, scale²), stored as a buffer so they
+are part of the checkpoint). A two-layer MLP then maps the embedding to the
+width used by the blocks. Class labels use ``K + 1`` learned vectors; index
+``K`` is the "no label" vector used for classifier-free guidance and whenever
+``labels`` is ``None``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ..errors import FewstepError
+
+EMBEDDINGS = ("positional", "fourier")
+
+
+class PositionalEmbedding(nn.Module):
+    """EDM's sinusoidal embedding: ``[cos(c·f_i), sin(c·f_i)]``, ``f_i = (1/max_positions)^(i/(h−1))``."""
+
+    def __init__(self, channels: int, max_positions: int = 10_000):
+        super().__init__()
+        half = channels // 2
+        freqs = (1.0 / max_positions) ** (torch.arange(half, dtype=torch.float32) / max(half - 1, 1))
+        self.register_buffer("freqs", freqs, persistent=False)
+
+    def forward(self, c: torch.Tensor) -> torch.Tensor:
+        arg = c.to(torch.float32)[:, None] * self.freqs[None, :]
+        return torch.cat([arg.cos(), arg.sin()], dim=1)
+
+
+class FourierEmbedding(nn.Module):
+    """Random Fourier features ``[cos(2π c·f_i), sin(2π c·f_i)]``, ``f_i ~ N(0, scale²)`` (fixed)."""
+
+    def __init__(self, channels: int, scale: float = 16.0):
+        super().__init__()
+        self.register_buffer("freqs", torch.randn(channels // 2) * scale)
+
+    def forward(self, c: torch.Tensor) -> torch.Tensor:
+        arg = (2 * math.pi) * c.to(torch.float32)[:, None] * self.freqs[None, :]
+        return torch.cat([arg.cos(), arg.sin()], dim=1)
+
+
+class ConditionEmbedding(nn.Module):
+    """``(c_noise [N], labels [N] | None) → emb [N, out_channels]``.
+
+    The noise embedding (``channels`` wide) plus an optional class embedding goes
+    through ``Linear → SiLU → Linear → SiLU``.
+    """
+
+    def __init__(self, channels: int, out_channels: int, *, embedding: str = "positional",
+                 fourier_scale: float = 16.0, num_classes: int = 0):
+        super().__init__()
+        if embedding not in EMBEDDINGS:
+            raise FewstepError(f"embedding must be one of {EMBEDDINGS}, got {embedding!r}")
+        self.num_classes = int(num_classes)
+        self.noise = (PositionalEmbedding(channels) if embedding == "positional"
+                      else FourierEmbedding(channels, fourier_scale))
+        self.label = nn.Embedding(self.num_classes + 1, channels) if self.num_classes else None
+        self.layer0 = nn.Linear(channels, out_channels)
+        self.layer1 = nn.Linear(out_channels, out_channels)
+
+    def forward(self, c_noise: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        emb = self.noise(c_noise.reshape(-1))
+        if self.label is not None:
+            emb = emb + self.label(resolve_labels(labels, self.num_classes, emb.shape[0], emb.device))
+        emb = F.silu(self.layer0(emb.to(self.layer0.weight.dtype)))
+        return F.silu(self.layer1(emb))
+
+
+def resolve_labels(labels: torch.Tensor | None, num_classes: int, n: int, device) -> torch.Tensor:
+    """Labels as a LongTensor ``[n]`` in ``0..num_classes`` (``None`` → the null label ``num_classes``).
+
+    Accepts integer labels or one-hot/probability rows ``[n, num_classes]`` (argmax). Range is
+    checked on CPU tensors (a device-side check would force a synchronisation).
+    """
+    if labels is None:
+        return torch.full((n,), num_classes, dtype=torch.long, device=device)
+    labels = torch.as_tensor(labels, device=device)
+    if labels.ndim == 2 and labels.shape[1] == num_classes and labels.is_floating_point():
+        labels = labels.argmax(1)
+    if labels.ndim == 0:
+        labels = labels.expand(n)
+    if labels.shape != (n,):
+        raise FewstepError(f"labels must have shape [{n}] (one class index per sample), got {tuple(labels.shape)}")
+    labels = labels.long()
+    if labels.device.type == "cpu" and labels.numel() and (labels.min() < 0 or labels.max() > num_classes):
+        raise FewstepError(f"class labels must be in 0..{num_classes} ({num_classes} = no label), got values "
+                           f"in [{int(labels.min())}, {int(labels.max())}]")
+    return labels

@@ -1,0 +1,109 @@
+"""The `fewstep` command end to end, and its errors for bad input."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from fewstep.cli import main
+from fewstep.model import load_model
+
+NET = json.dumps({"name": "mlp", "dim": 2, "width": 32, "depth": 2, "emb_channels": 16})
+QUIET = ["--no-progress", "--snapshot-every-kimg", "100", "--checkpoint-every-kimg", "100"]
+
+
+@pytest.fixture(scope="module")
+def teacher_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("t") / "teacher"
+    assert main(["teacher", "--data", "8gaussians", "--out", str(out), "--net", NET, "--total-kimg", "3",
+                 "--batch-size", "128", *QUIET]) == 0
+    return out
+
+
+@pytest.mark.parametrize("method", ["sid", "diff-instruct", "dmd"])
+def test_distill_sample_eval(method, teacher_run, tmp_path, capsys):
+    out = tmp_path / method
+    assert main(["distill", method, "--teacher", str(teacher_run), "--out", str(out), "--total-kimg", "0.5",
+                 "--batch-size", "64", "--eval-n", "200", *QUIET]) == 0
+    student = load_model(out)
+    assert student.is_generator and student.nfe() == 1
+    assert student.config["provenance"]["method"] == method
+    res = student.sample(10, seed=3)
+    assert res.nfe == 1 and res.x.shape == (10, 2) and torch.isfinite(res.x).all()
+    torch.testing.assert_close(res.x, student.sample(10, seed=3).x)  # seeds reproduce
+    capsys.readouterr()
+    assert main(["sample", str(out), "--n", "20", "--out", str(tmp_path / "s.npz")]) == 0
+    assert np.load(tmp_path / "s.npz")["x"].shape == (20, 2)
+    assert main(["sample", str(out), "--n", "20", "--out", str(tmp_path / "s.png")]) == 0
+    assert (tmp_path / "s.png").stat().st_size > 1000
+    capsys.readouterr()
+    assert main(["eval", str(out), "--n", "300", "--json", str(tmp_path / "m.json")]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["nfe"] == 1 and metrics["n_samples"] == 300 and "log_likelihood" in metrics
+    assert json.loads((tmp_path / "m.json").read_text())["nfe"] == 1
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["final_metrics"]["nfe"] == 1
+    assert (out / "samples" / "final.png").is_file() and (out / "metrics.jsonl").is_file()
+
+
+def test_sid_from_exact_mixture_teacher_needs_and_uses_init(teacher_run, tmp_path, capsys):
+    out = tmp_path / "mix"
+    assert main(["distill", "sid", "--teacher", "mixture:ring8", "--out", str(out), "--total-kimg", "0.3",
+                 *QUIET]) == 2
+    assert "--init" in capsys.readouterr().err
+    assert main(["distill", "sid", "--teacher", "mixture:ring8", "--init", str(teacher_run), "--out", str(out),
+                 "--total-kimg", "0.3", *QUIET]) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["teacher"] == "mixture:ring8" and cfg["data"] == "mixture:ring8"
+
+
+def test_teacher_sampling_with_every_sampler(teacher_run, tmp_path, capsys):
+    for sampler, steps, nfe in [("euler", 4, 4), ("heun", 4, 7), ("ddim", 4, 4), ("dpmpp-2m", 4, 4)]:
+        capsys.readouterr()
+        assert main(["sample", str(teacher_run), "--sampler", sampler, "--steps", str(steps), "--n", "8",
+                     "--out", str(tmp_path / f"{sampler}.npy")]) == 0
+        assert json.loads(capsys.readouterr().out)["nfe"] == nfe
+
+
+def _err(argv, capsys):
+    capsys.readouterr()
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "Traceback" not in err
+    return err
+
+
+def test_bad_input_gives_clear_errors(teacher_run, tmp_path, capsys):
+    assert "unknown dataset" in _err(["teacher", "--data", "cifar99", "--out", str(tmp_path / "x")], capsys).lower()
+    assert "no checkpoint at" in _err(["sample", str(tmp_path / "nope"), "--out", str(tmp_path / "a.png")], capsys)
+    assert "batch_size must be >= 1" in _err(["teacher", "--data", "8gaussians", "--out", str(tmp_path / "y"),
+                                              "--batch-size", "0"], capsys)
+    assert "alpha must be >= 0" in _err(["distill", "sid", "--teacher", str(teacher_run), "--out",
+                                         str(tmp_path / "z"), "--alpha", "-1"], capsys)
+    # a corrupt weights file
+    bad = tmp_path / "corrupt"
+    bad.mkdir()
+    (bad / "config.json").write_text((teacher_run / "model" / "config.json").read_text())
+    (bad / "model.safetensors").write_bytes(b"\x00garbage" * 10)
+    assert "corrupt" in _err(["sample", str(bad), "--out", str(tmp_path / "b.png")], capsys)
+    # a pickle is refused
+    pkl = tmp_path / "model.pt"
+    torch.save({"a": torch.zeros(1)}, pkl)
+    assert "pickle" in _err(["eval", str(pkl)], capsys)
+    # a run folder holding a different run is not overwritten
+    assert "different" in _err(["distill", "dmd", "--teacher", str(teacher_run), "--out", str(teacher_run)], capsys)
+    assert "--out must end in" in _err(["sample", str(teacher_run), "--out", str(tmp_path / "x.gif")], capsys)
+
+
+def test_help_lists_methods_and_options():
+    res = subprocess.run([sys.executable, "-m", "fewstep", "distill", "sid", "--help"], capture_output=True,
+                         text=True)
+    assert res.returncode == 0
+    for opt in ("--alpha", "--sigma-init", "--lr-g", "--total-kimg", "--guidance-teacher", "--init"):
+        assert opt in res.stdout
+    res = subprocess.run([sys.executable, "-m", "fewstep", "distill", "--help"], capture_output=True, text=True)
+    for m in ("sid", "diff-instruct", "dmd", "progressive", "tract", "kd"):
+        assert m in res.stdout
