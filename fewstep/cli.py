@@ -199,9 +199,13 @@ def cmd_eval(args) -> int:
     from .model import load_model
 
     _threads()
+    from .eval.inception import resolve_weights_path
+
+    inception = resolve_weights_path(args.inception)  # a named but missing file fails here, before sampling
     model = load_model(args.checkpoint, device=args.device)
     result = evaluate_model(model, n=args.n, seed=args.seed, sampler=args.sampler, steps=args.steps,
-                            data=args.data, guidance=args.guidance, batch_size=args.batch_size)
+                            data=args.data, guidance=args.guidance, batch_size=args.batch_size,
+                            inception=str(inception) if inception else None)
     result["checkpoint"] = str(args.checkpoint)
     text = json.dumps(result, indent=2)
     if args.json:
@@ -302,6 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=1000, help="number of samples (default 1000)")
     p.add_argument("--data", default=None, help="reference dataset (default: the model's own)")
     p.add_argument("--json", default=None, help="also write the metrics to this file")
+    p.add_argument("--inception", default=None, help="standard FID Inception weights file (pt_inception-2015-12-05, "
+                                                     "or $FEWSTEP_INCEPTION): adds Inception FID for images")
     _sampling_args(p)
     p.set_defaults(func=cmd_eval)
 
@@ -309,11 +315,17 @@ def build_parser() -> argparse.ArgumentParser:
                        description="The main job in one command: SiD-distil the shipped teacher, then show "
                                    "teacher and one-step student side by side with metrics, NFE and speed.")
     p.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
-    p.add_argument("--data", default="mnist5k", help="which shipped teacher (default mnist5k)")
+    p.add_argument("--data", default="digits", help="which shipped teacher: digits (default; fits a few CPU minutes) or mnist5k")
     p.add_argument("--minutes", type=float, default=4.0, help="SiD wall-clock budget (default 4)")
     p.add_argument("--n", type=int, default=1000, help="samples per evaluation (default 1000)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_demo)
+
+    from . import bench
+    from .eval import report
+
+    bench.add_parser(sub)  # fewstep bench
+    report.add_parser(sub)  # fewstep report
 
     p = sub.add_parser("datasets", help="list the built-in datasets and mixture teachers")
     p.set_defaults(func=cmd_datasets)

@@ -30,7 +30,7 @@ def _row(name, r, fd_key):
     return f"{name:22s} {r['nfe']:>4d} {fd:>10.3f} {r['samples_per_second']:>12.1f}"
 
 
-def run_demo(out: str | Path, *, data: str = "mnist5k", minutes: float = 4.0, n_eval: int = 1000,
+def run_demo(out: str | Path, *, data: str = "digits", minutes: float = 4.0, n_eval: int = 1000,
              seed: int = 0, batch_size: int = 32, lr: float | None = None) -> dict:
     import torch
 

@@ -56,8 +56,12 @@ def measure(samples: torch.Tensor, data: str, *, labels=None, seed: int = 0) -> 
 
 def evaluate_model(model, *, n: int = 1000, seed: int = 0, sampler: str | None = None,
                    steps: int | None = None, data: str | None = None, guidance: float | None = None,
-                   batch_size: int | None = 500) -> dict:
-    """Sample ``n`` from ``model`` with the given sampler, time it, and measure the samples."""
+                   batch_size: int | None = 500, inception: str | None = None) -> dict:
+    """Sample ``n`` from ``model`` with the given sampler, time it, and measure the samples.
+
+    ``inception``: path of the standard FID Inception weights; image samples then also get
+    ``fid_inception`` & co. (:mod:`fewstep.eval.inception`).
+    """
     data = data or model.data_info.name
     if not data:
         raise FewstepError("this model does not name its dataset: pass --data NAME")
@@ -70,6 +74,11 @@ def evaluate_model(model, *, n: int = 1000, seed: int = 0, sampler: str | None =
 
         labels = balanced_labels(n, model.data_info.num_classes)
     metrics = measure(res.x.detach().cpu().float(), data, labels=labels, seed=seed)
+    if inception and metrics.get("kind") == "images":
+        from .inception import inception_metrics
+
+        metrics.update(inception_metrics(res.x.detach().cpu().float(), data, inception, seed=seed,
+                                         device=model.device))
     recipe = model.sampling
     return {"data": data, "sampler": sampler or recipe["sampler"],
             "steps": None if (sampler or recipe["sampler"]) == "one-step" else (steps or recipe.get("steps")),

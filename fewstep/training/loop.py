@@ -38,6 +38,7 @@ class TrainConfig:
     snapshot_every_kimg: float = field(default=10.0, metadata={"help": "sample picture + exported model every this many kimg"})
     checkpoint_every_kimg: float = field(default=10.0, metadata={"help": "resumable training state every this many kimg"})
     eval_every_kimg: float = field(default=0.0, metadata={"help": "in-run evaluation every this many kimg (0 = only at the end)"})
+    eval_max_share: float | None = field(default=None, metadata={"help": "skip an in-run evaluation (logged) when it would raise evaluation to more than this share of the time, e.g. 0.1; null = never skip"})
     keep_checkpoints: int = field(default=2, metadata={"help": "training states kept on disk"})
     max_minutes: float | None = field(default=None, metadata={"help": "stop after this wall-clock budget (minutes)"})
     max_nonfinite: int = field(default=20, metadata={"help": "abort after this many consecutive non-finite losses"})
@@ -54,6 +55,8 @@ class TrainConfig:
         for k in ("log_every_kimg", "snapshot_every_kimg", "checkpoint_every_kimg"):
             require(getattr(self, k) > 0, f"{k} must be > 0, got {getattr(self, k)}")
         require(self.eval_every_kimg >= 0, f"eval_every_kimg must be >= 0, got {self.eval_every_kimg}")
+        require(self.eval_max_share is None or 0 < self.eval_max_share <= 1,
+                f"eval_max_share must be in (0, 1], got {self.eval_max_share}")
         require(self.keep_checkpoints >= 1, "keep_checkpoints must be >= 1")
         require(self.max_minutes is None or self.max_minutes > 0, "max_minutes must be > 0")
 
@@ -107,6 +110,8 @@ class Trainer:
         self.nonfinite_grads = 0
         self._nonfinite_streak = 0
         self._pause = 0.0  # seconds of this process spent on evaluation/snapshots (not training)
+        self._last_eval_dt: float | None = None  # duration of this process's latest evaluation
+        self.evals_skipped = 0
 
     # ---- set-up -------------------------------------------------------------------------
     def _setup(self) -> None:
@@ -265,6 +270,7 @@ class Trainer:
         metrics = self.evaluator(model)
         dt = time.perf_counter() - t0
         self.eval_seconds += dt
+        self._last_eval_dt = dt
         rec = {"nimg": self.nimg, "kimg": self.nimg / 1000, "iteration": self.iteration,
                "train_seconds": self.elapsed, "eval_seconds": dt, **metrics}
         self.run.append_jsonl("metrics.jsonl", rec)
@@ -274,6 +280,20 @@ class Trainer:
                      + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, (int, float)))
                      + f" ({dt:.1f}s; evaluation share of time so far {share:.1%})")
         return metrics
+
+    def _eval_over_share(self) -> bool:
+        """True (and logged) when the next in-run evaluation would exceed ``eval_max_share`` of the time."""
+        s = self.cfg.eval_max_share
+        if s is None or self._last_eval_dt is None or self.evaluator is None:
+            return False
+        est = self._last_eval_dt
+        share = (self.eval_seconds + est) / max(self.elapsed + self.eval_seconds + est, 1e-9)
+        if share <= s:
+            return False
+        self.evals_skipped += 1
+        self.run.log(f"eval at {self.nimg / 1000:.1f} kimg skipped: it would raise the evaluation share of "
+                     f"time to {share:.1%} > eval_max_share {s:.1%}")
+        return True
 
     # ---- the loop -----------------------------------------------------------------------
     def run_training(self, *, max_iterations: int | None = None) -> dict:
@@ -288,6 +308,10 @@ class Trainer:
             self.run.log(f"resumed from {state.name} at {self.nimg / 1000:.3f} kimg", echo=True)
         else:
             self.run.log(f"start: method={m.name} device={self.device} processes={self.world}")
+        if cfg.eval_every_kimg > 0 and self.evaluator is not None:
+            self.run.log(f"in-run evaluation every {cfg.eval_every_kimg:g} kimg"
+                         + (f", skipped when it would exceed {cfg.eval_max_share:.0%} of the time"
+                            if cfg.eval_max_share else ", whatever its share of the time"))
         if cfg.tensorboard:
             self.run.enable_tensorboard()
         total = int(round(cfg.total_kimg * 1000))
@@ -345,6 +369,7 @@ class Trainer:
                 if bar is not None:
                     post = {k.split("/", 1)[1]: f"{v:.4g}" for k, v in rec.items() if k.startswith("loss/")}
                     post["it/s"] = f"{1.0 / max(rec.get('sec_per_iter', 1e-9), 1e-9):.1f}"
+                    post["img/s"] = f"{per_iter / max(rec.get('sec_per_iter', 1e-9), 1e-9):.0f}"
                     if last_metric:
                         post.update(last_metric)
                     bar.set_postfix(post, refresh=False)
@@ -352,11 +377,14 @@ class Trainer:
             if eval_mark is not None and self.nimg // int(cfg.eval_every_kimg * 1000) > eval_mark and not done:
                 eval_mark = self.nimg // int(cfg.eval_every_kimg * 1000)
                 t_e = time.perf_counter()
-                res = self._evaluate()
+                res = None if self._eval_over_share() else self._evaluate()
                 self._pause += time.perf_counter() - t_e
                 if res:
-                    k0 = next(iter(res))
-                    last_metric = {k0: f"{res[k0]:.4g}"}
+                    from ..eval.tables import primary_metric
+
+                    pm = primary_metric(res) or next(((k, v, False) for k, v in res.items()
+                                                      if isinstance(v, (int, float))), None)
+                    last_metric = {pm[0]: f"{pm[1]:.4g}"} if pm else None
             if crossed["snapshot"] and not done:
                 marks["snapshot"] = self.nimg // int(cfg.snapshot_every_kimg * 1000)
                 t_e = time.perf_counter()
@@ -373,6 +401,8 @@ class Trainer:
         summary = {"method": m.name, "stop_reason": stop_reason, "nimg": self.nimg, "kimg": self.nimg / 1000,
                    "iterations": self.iteration, "train_seconds": round(self.elapsed, 3),
                    "eval_seconds": round(self.eval_seconds, 3),
+                   "eval_share": round(self.eval_seconds / max(self.elapsed + self.eval_seconds, 1e-9), 4),
+                   "evals_skipped": self.evals_skipped,
                    "sec_per_iter": self.elapsed / max(self.iteration, 1),
                    "nonfinite_losses": self.nonfinite_total, "nonfinite_grad_steps": self.nonfinite_grads,
                    "processes": self.world, "final_metrics": final_metrics}

@@ -1,0 +1,235 @@
+"""Regenerate the README's results section from the files in benchmarks/results/.
+
+    python benchmarks/make_readme_results.py            # rewrite README.md between the markers
+    python benchmarks/make_readme_results.py --check    # exit 1 if README.md is out of date
+
+Only the block between ``<!-- results:start -->`` and ``<!-- results:end -->`` is
+rewritten (the markers are appended if README.md lacks them; the file is created
+if missing). Every number stands beside the command that produced it. Sources,
+each optional: ``teachers.json`` (benchmarks/teachers.py), ``sid.json``
+(benchmarks/sid.py), ``progressive*.json`` (benchmarks/progressive.py) and
+``fewstep bench`` outputs (``*.json`` or ``*/results.json`` with
+``"format": "fewstep.bench"``). A missing or malformed file is skipped with a note.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+START, END = "<!-- results:start -->", "<!-- results:end -->"
+sys.path.insert(0, str(ROOT))
+
+
+def _fmt(v) -> str:
+    from fewstep.eval.tables import fmt
+
+    return fmt(v)
+
+
+def _table(headers, rows) -> str:
+    from fewstep.eval.tables import markdown_table
+
+    return markdown_table(headers, rows)
+
+
+def _primary(m: dict):
+    from fewstep.eval.tables import primary_metric
+
+    return primary_metric(m or {})
+
+
+def _label(key: str) -> str:
+    from fewstep.eval.tables import metric_label
+
+    return metric_label(key)
+
+
+def _load(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        return e
+
+
+def _code(cmd: str) -> str:
+    return f"`{cmd}`" if cmd else ""
+
+
+# ---------------------------------------------------------------------------------------- sections
+def teachers_section(d: dict) -> list[str]:
+    out = ["### Teachers: quality vs NFE per sampler", ""]
+    for name, t in (d.get("teachers") or {}).items():
+        ev = t.get("evaluation") or {}
+        curves = ev.get("curves") or {}
+        first = next((r for rows in curves.values() for r in rows), {})
+        pm = _primary(first)
+        if pm is None:
+            continue
+        key = pm[0]
+        nfes = sorted({r.get("nfe") for rows in curves.values() for r in rows if r.get("nfe") is not None})
+        body = []
+        for sampler, rows in curves.items():
+            by = {r.get("nfe"): r.get(key) for r in rows}
+            body.append([sampler] + [by.get(n) for n in nfes])
+        tr = t.get("training") or {}
+        n = ev.get("n_samples")
+        out += [f"**{name}** — {_label(key)}, n = {n} samples, noise seed 1"
+                + (f"; trained {tr.get('kimg', 0):.0f} kimg in {tr.get('train_seconds', 0):.0f} s with "
+                   f"{_code(tr.get('command', ''))}" if tr else ""), "",
+                _table(["sampler \\ NFE"] + [str(x) for x in nfes], body), "",
+                f"Command: {_code(f'python benchmarks/teachers.py --only {name} --eval-only')}; each cell is "
+                f"{_code(f'fewstep eval fewstep/assets/teachers/{name} --sampler SAMPLER --steps STEPS --n {n} --seed 1')}.",
+                ""]
+    return out if len(out) > 2 else []
+
+
+def sid_section(d: dict) -> list[str]:
+    cmds = d.get("commands") or {}
+    rows = []
+
+    def add(setting, model, m, distill=None, part=""):
+        pm = _primary(m or {})
+        if pm is None:
+            return
+        cmd = (distill or {}).get("command") or cmds.get(part, "")
+        rows.append([setting, model, (m or {}).get("nfe"), f"{_label(pm[0])} = {_fmt(pm[1])}",
+                     (distill or {}).get("kimg"), (distill or {}).get("train_seconds"), _code(cmd)])
+
+    for preset, r in (d.get("mixture") or {}).items():
+        add(f"mixture:{preset}", "teacher (exact, Heun)", r.get("teacher_exact_heun35"), part="mixture")
+        add(f"mixture:{preset}", "SiD student", r.get("student_sid_1nfe"), r.get("distill"), "mixture")
+    for data in ("digits", "mnist5k"):
+        r = d.get(data)
+        if isinstance(r, dict):
+            add(data, "teacher (Heun)", r.get("teacher_heun35"), part=data)
+            add(data, "SiD student", r.get("student_sid_1nfe"), r.get("distill"), data)
+    comp = d.get("compare")
+    if isinstance(comp, dict):
+        data = comp.get("data", "")
+        add(f"{data} (equal wall-clock)", "teacher (Heun)", comp.get("teacher_heun35"), part="compare")
+        for m, r in (comp.get("methods") or {}).items():
+            add(f"{data} (equal wall-clock)", m, r.get("student_1nfe"), r.get("distill"), "compare")
+    if not rows:
+        return []
+    out = ["### SiD and the fake-score family", "",
+           _table(["setting", "model", "NFE", "metric", "train kimg", "train s", "command"], rows), ""]
+    if cmds:
+        out += ["Benchmark scripts: " + ", ".join(_code(c) for c in cmds.values()) + ".", ""]
+    return out
+
+
+def progressive_section(name: str, d: dict) -> list[str]:
+    meta, rows = d.get("meta") or {}, d.get("rows") or []
+    if not rows:
+        return []
+    cmd = "python benchmarks/progressive.py" + (" --quick" if meta.get("mode") == "quick" else "")
+    body = []
+    for r in rows:
+        pm = _primary(r)
+        if pm is None:
+            continue
+        body.append([r.get("teacher"), r.get("method"), r.get("steps"), r.get("nfe"), f"{_label(pm[0])} = {_fmt(pm[1])}",
+                     next((r[k] for k in r if k in ("mode_coverage", "precision") or k.startswith("precision_")), None),
+                     r.get("train_kimg"), r.get("n_samples")])
+    return [f"### Step distillation ({name})", "",
+            _table(["teacher", "method", "steps", "NFE", "metric", "modes / precision", "train kimg", "n"], body), "",
+            f"Command: {_code(cmd)} ({meta.get('machine', '')}, {meta.get('seconds', 0):.0f} s in all).", ""]
+
+
+def bench_section(name: str, d: dict) -> list[str]:
+    from fewstep.eval.tables import columns
+
+    meta, rows = d.get("meta") or {}, d.get("rows") or []
+    if not rows:
+        return []
+    cols = [c for c in columns(rows[0]) if any(c[1] in r for r in rows)][:6]
+    body = [[r.get("label"), r.get("nfe")] + [r.get(k) for _, k in cols] + [r.get("train_kimg"), r.get("train_seconds")]
+            for r in rows]
+    budget = (f"{meta['budget_minutes']:g} min" if meta.get("budget_minutes") else f"{meta.get('budget_kimg')} kimg")
+    out = [f"### fewstep bench: {meta.get('teacher', name)} ({budget} per method, n = {meta.get('eval_n')})", "",
+           _table(["model", "NFE"] + [h for h, _ in cols] + ["train kimg", "train s"], body), "",
+           f"Command: {_code(meta.get('command', ''))}.", ""]
+    missing = {**{k: v.get("reason", "") for k, v in (d.get("methods") or {}).items() if v.get("status") != "ok"},
+               **(d.get("absent") or {})}
+    if missing:
+        out += ["Not compared: " + "; ".join(f"{k} ({v})" for k, v in missing.items()) + ".", ""]
+    return out
+
+
+def render(results: Path) -> str:
+    """The Markdown between the markers, from the files in ``results``."""
+    lines = [f"Generated by `python benchmarks/make_readme_results.py` from `benchmarks/results/`; "
+             "every number stands beside the command that produced it.", ""]
+    notes, found = [], False
+    files = sorted(results.glob("*.json")) + sorted(results.glob("*/results.json")) if results.is_dir() else []
+    order = {"teachers.json": 0, "sid.json": 1}
+    for p in sorted(files, key=lambda p: (order.get(p.name, 2), str(p))):
+        d = _load(p)
+        rel = p.relative_to(results)
+        if isinstance(d, Exception) or not isinstance(d, dict):
+            notes.append(f"- `{rel}` skipped: unreadable ({d})")
+            continue
+        try:
+            if d.get("format") == "fewstep.bench":
+                part = bench_section(str(rel.parent if rel.name == "results.json" else rel.stem), d)
+            elif p.name == "teachers.json":
+                part = teachers_section(d)
+            elif p.name == "sid.json":
+                part = sid_section(d)
+            elif p.name.startswith("progressive"):
+                part = progressive_section(p.stem, d)
+            else:
+                continue
+        except Exception as e:  # noqa: BLE001 - one malformed file must not lose the others
+            notes.append(f"- `{rel}` skipped: {type(e).__name__}: {e}")
+            continue
+        if part:
+            found = True
+            lines += part
+    if not found:
+        lines += ["No benchmark results yet: run the scripts in `benchmarks/` (or `fewstep bench --out "
+                  "benchmarks/results/NAME ...`), then this script.", ""]
+    if notes:
+        lines += ["Files skipped:", ""] + notes + [""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def update_readme(readme: Path, block: str) -> bool:
+    """Replace the text between the markers (adding them if absent); True if the file changed."""
+    text = readme.read_text() if readme.is_file() else ""
+    new_block = f"{START}\n{block}{END}"
+    if START in text and END in text and text.index(START) < text.index(END):
+        a, b = text.index(START), text.index(END) + len(END)
+        new = text[:a] + new_block + text[b:]
+    else:
+        new = text + ("\n" if text and not text.endswith("\n") else "") + ("\n" if text else "") + new_block + "\n"
+    if new == text:
+        return False
+    readme.write_text(new)
+    return True
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--results", default=str(ROOT / "benchmarks" / "results"), help="results folder")
+    ap.add_argument("--readme", default=str(ROOT / "README.md"), help="README to update")
+    ap.add_argument("--check", action="store_true", help="only check that the README is up to date")
+    args = ap.parse_args(argv)
+    block = render(Path(args.results))
+    readme = Path(args.readme)
+    if args.check:
+        text = readme.read_text() if readme.is_file() else ""
+        ok = f"{START}\n{block}{END}" in text
+        print("README results are up to date" if ok else "README results are out of date: run "
+              "python benchmarks/make_readme_results.py")
+        return 0 if ok else 1
+    changed = update_readme(readme, block)
+    print(f"{'updated' if changed else 'unchanged'}: {readme}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
