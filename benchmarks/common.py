@@ -17,13 +17,18 @@ RUNS = ROOT / "runs" / "benchmarks"
 def environment() -> dict:
     import torch
 
-    return {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "cpu_count": os.cpu_count(), "machine": platform.machine(), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+    return {"python": platform.python_version(), "torch": torch.__version__, "threads": threads(),
+            "cpu_count": os.cpu_count(), "load_average_1m": round(os.getloadavg()[0], 2), "machine": platform.machine(), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
-def fewstep(*args: str, threads: int = 2) -> float:
+def threads() -> int:
+    """CPU threads for benchmark work: FEWSTEP_THREADS if set, else 2 (the whole machine)."""
+    return int(os.environ.get("FEWSTEP_THREADS", "2"))
+
+
+def fewstep(*args: str) -> float:
     """Run the fewstep CLI as a user would; returns wall-clock seconds."""
-    env = {**os.environ, "FEWSTEP_THREADS": str(threads)}
+    env = {**os.environ, "FEWSTEP_THREADS": str(threads())}
     t0 = time.perf_counter()
     cmd = [sys.executable, "-m", "fewstep", *args]
     print("$", " ".join(cmd[2:]), flush=True)

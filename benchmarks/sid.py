@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, ROOT, RUNS, environment, fewstep, write_json  # noqa: E402
+from common import RESULTS, ROOT, RUNS, environment, fewstep, threads, write_json  # noqa: E402
 
 SHIPPED = ROOT / "fewstep" / "assets" / "teachers"
 LIKELIHOOD_TOLERANCE = 0.05  # "within 5%": |Δ mean log-likelihood| ≤ ln(1.05) nats (likelihood ratio)
@@ -149,7 +149,7 @@ def bench_cost(data: str, batch: int, iters: int = 20) -> dict:
     from fewstep.model import load_model
     from fewstep.teachers.training import EDMTeacher, TeacherConfig
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads())
     teacher = load_model(SHIPPED / data)
     sid = SiD.create(SiDConfig(), teacher=teacher)
     sid.batch_size = batch
@@ -200,7 +200,7 @@ def main() -> None:
     args = ap.parse_args()
     import torch
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads())
     path = RESULTS / "sid.json"
     results = json.loads(path.read_text()) if path.is_file() else {}
     for part in args.only:
@@ -209,7 +209,7 @@ def main() -> None:
             results["mixture"] = bench_mixture(args.minutes or 4.0)
         elif part in ("mnist5k", "digits"):
             results[part] = bench_images(part, args.minutes or (28.0 if part == "mnist5k" else 8.0),
-                                         eval_every=20.0 if part == "mnist5k" else 10.0, batch=32, lr="5e-5")
+                                         eval_every=20.0 if part == "mnist5k" else 3.0, batch=32, lr="5e-5")
         elif part == "compare":
             results["compare"] = bench_compare(args.compare_data, args.minutes or 5.0, batch=32, lr="5e-5")
         elif part == "cost":

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, ROOT, RUNS, environment, fewstep, write_json  # noqa: E402
+from common import RESULTS, ROOT, RUNS, environment, fewstep, threads, write_json  # noqa: E402
 
 TEACHERS = {
     # name: (dataset, CLI training options, evaluation sample count)
@@ -98,7 +98,7 @@ def main() -> None:
     args = ap.parse_args()
     import torch
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads())
     path = RESULTS / "teachers.json"
     results = json.loads(path.read_text()) if path.is_file() else {"teachers": {}}
     for name in args.only or list(TEACHERS):

@@ -41,6 +41,21 @@ def test_presets_shapes(dataset, shape, num_classes):
         assert net(x, c, labels).shape == x.shape
 
 
+@pytest.mark.parametrize("size", ["tiny", "small", "base", "large"])
+def test_preset_sizes(size):
+    sizes = []
+    for dataset, shape in [("mnist5k", (1, 28, 28)), ("digits", (1, 8, 8)), ("swissroll", (2,))]:
+        net = build_net(preset_net(dataset, size=size))
+        x, c = _inputs(shape, n=2)
+        with torch.no_grad():
+            assert net(x, c).shape == x.shape
+        sizes.append(count_params(net))
+    if size == "small":
+        assert 500_000 < sizes[0] < 2_000_000                           # the CPU teacher for MNIST
+    with pytest.raises(FewstepError, match="size"):
+        preset_net("mnist5k", size="huge")
+
+
 def test_points_16d_preset():
     from fewstep.data import Affine, Dataset
     ds = Dataset("p16", torch.randn(10, 16), None, 0, "points", Affine.identity(16))

@@ -89,8 +89,9 @@ def from_arrays(name: str, data, labels=None, *, kind: str | None = None) -> Dat
     3-D/4-D arrays images.
     """
     data = np.asarray(data)
-    if data.dtype == object or not (np.issubdtype(data.dtype, np.number) or data.dtype == np.bool_):
-        raise FewstepError(f"{name}: data must be a numeric array, got dtype {data.dtype}")
+    if data.dtype.kind not in "biuf":
+        raise FewstepError(f"{name}: data must be a numeric array (bool, integer or float), "
+                           f"got dtype {data.dtype}")
     if data.ndim == 0 or data.shape[0] == 0 or data.size == 0:
         raise FewstepError(f"{name}: the data array is empty (shape {data.shape})")
     if kind is None:

@@ -13,7 +13,8 @@ ARCHS: dict[str, tuple[type, type]] = {"mlp": (MLP, MLPConfig), "unet": (UNet, U
 
 
 def build_net(config: dict, *, seed: int | None = None) -> nn.Module:
-    """Instantiate the backbone named by ``config["name"]`` (``"mlp"`` | ``"unet"``).
+    """Instantiate the backbone named by ``config["name"]`` (``"mlp"`` | ``"unet"`` | any name in
+    :data:`ARCHS`, which maps a name to ``(module class, config dataclass)``).
 
     ``seed`` makes the initial weights reproducible without touching the global RNG.
     Unknown names, unknown keys and bad values raise :class:`FewstepError`.
