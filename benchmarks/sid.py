@@ -97,23 +97,32 @@ def bench_images(data: str, minutes: float, eval_every: float, batch: int, lr: s
     teacher = _eval(SHIPPED / data, n, sampler="heun", steps=18)
     student = _eval(run, n)
     fd_key = next(k for k in teacher if k.startswith("fd_") and "floor" not in k)
-    curve = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    curve, plot, teacher_seed0 = plot_curve(data, run, n, fd_key)
+    res = {"distill": info, "n_samples": n, "teacher_heun35": _pick(teacher), "student_sid_1nfe": _pick(student),
+           "fd_key": fd_key, "student_fd_at_or_below_teacher": student[fd_key] <= teacher[fd_key],
+           "throughput_ratio_student_over_teacher": student["samples_per_second"] / teacher["samples_per_second"],
+           "curve": [{"kimg": r["kimg"], "train_seconds": r["train_seconds"], fd_key: r[fd_key]} for r in curve],
+           "curve_seed": 0, "teacher_heun35_at_curve_seed": _pick(teacher_seed0),
+           "curve_plot": str(plot.relative_to(ROOT)), "student_checkpoint": _ship_student(run, f"sid-{data}")}
+    print(json.dumps({k: v for k, v in res.items() if k != "curve"}, indent=1), flush=True)
+    return res
+
+
+def plot_curve(data: str, run: Path, n: int, fd_key: str):
+    """FD vs images seen of the in-run evaluations (noise seed 0), with the teacher and the
+    real-data floor measured under the same protocol and seed."""
     from fewstep.eval.plots import plot_curves
 
+    curve = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    teacher = _eval(SHIPPED / data, n, seed=0, sampler="heun", steps=18)
     xs = [r["kimg"] for r in curve]
     plot = RESULTS / f"sid_{data}_fd_curve.png"
     plot_curves({"SiD student (1 NFE, EMA)": (xs, [r[fd_key] for r in curve]),
                  "teacher Heun (35 NFE)": (xs, [teacher[fd_key]] * len(xs)),
                  "real-data floor": (xs, [teacher[fd_key.replace("fd_", "fd_floor_")]] * len(xs))},
-                plot, xlabel="images seen (kimg)", ylabel=f"FD ({fd_key[3:]}, n={n})", logy=True,
+                plot, xlabel="images seen (kimg)", ylabel=f"FD ({fd_key[3:]}, n={n}, seed 0)", logy=True,
                 title=f"SiD on {data}: FD vs images seen")
-    res = {"distill": info, "n_samples": n, "teacher_heun35": _pick(teacher), "student_sid_1nfe": _pick(student),
-           "fd_key": fd_key, "student_fd_at_or_below_teacher": student[fd_key] <= teacher[fd_key],
-           "throughput_ratio_student_over_teacher": student["samples_per_second"] / teacher["samples_per_second"],
-           "curve": [{"kimg": r["kimg"], "train_seconds": r["train_seconds"], fd_key: r[fd_key]} for r in curve],
-           "curve_plot": str(plot.relative_to(ROOT)), "student_checkpoint": _ship_student(run, f"sid-{data}")}
-    print(json.dumps({k: v for k, v in res.items() if k != "curve"}, indent=1), flush=True)
-    return res
+    return curve, plot, teacher
 
 
 # ---- SiD vs Diff-Instruct vs DMD at equal wall-clock -----------------------------------------------
@@ -197,12 +206,19 @@ def main() -> None:
                     choices=["mixture", "mnist5k", "digits", "compare", "cost"])
     ap.add_argument("--minutes", type=float, default=None, help="override each run's wall-clock budget")
     ap.add_argument("--compare-data", default="digits")
+    ap.add_argument("--replot", default=None, help="only redraw the FD curve of this finished image run")
     args = ap.parse_args()
     import torch
 
     torch.set_num_threads(threads())
     path = RESULTS / "sid.json"
     results = json.loads(path.read_text()) if path.is_file() else {}
+    if args.replot:
+        r = results[args.replot]
+        _, _, t0 = plot_curve(args.replot, RUNS / f"sid-{args.replot}", r["n_samples"], r["fd_key"])
+        r["curve_seed"], r["teacher_heun35_at_curve_seed"] = 0, _pick(t0)
+        write_json("sid.json", results)
+        return
     for part in args.only:
         t0 = time.time()
         if part == "mixture":
@@ -214,6 +230,9 @@ def main() -> None:
             results["compare"] = bench_compare(args.compare_data, args.minutes or 5.0, batch=32, lr="5e-5")
         elif part == "cost":
             results["cost"] = {d: bench_cost(d, 32) for d in ("digits", "mnist5k") if (SHIPPED / d).is_dir()}
+        part_result = results[part]
+        results = json.loads(path.read_text()) if path.is_file() else {}  # merge: other parts may have run meanwhile
+        results[part] = part_result
         results.setdefault("commands", {})[part] = f"python benchmarks/sid.py --only {part}" + (
             f" --minutes {args.minutes}" if args.minutes else "")
         results["environment"] = environment()

@@ -26,8 +26,11 @@ def shipped_teacher(name: str) -> Path:
 
 
 def _row(name, r, fd_key):
-    fd = r.get(fd_key, r.get("mean_loglik"))
-    return f"{name:22s} {r['nfe']:>4d} {fd:>10.3f} {r['samples_per_second']:>12.1f}"
+    """One table line: NFE, FD at n, FD at the floor's sample count, throughput."""
+    if fd_key is None:  # points: exact log-likelihood
+        return f"{name:22s} {r['nfe']:>4d} {r['log_likelihood']:>10.3f} {'':>12s} {r['samples_per_second']:>12.1f}"
+    at_floor = r.get(f"{fd_key}_at_floor_n", r[fd_key])
+    return f"{name:22s} {r['nfe']:>4d} {r[fd_key]:>10.3f} {at_floor:>12.3f} {r['samples_per_second']:>12.1f}"
 
 
 def run_demo(out: str | Path, *, data: str = "digits", minutes: float = 4.0, n_eval: int = 1000,
@@ -75,12 +78,16 @@ def run_demo(out: str | Path, *, data: str = "digits", minutes: float = 4.0, n_e
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     floor_key = fd_key.replace("fd_", "fd_floor_") if fd_key else None
     print("[3/3] results", file=sys.stderr)
-    print(f"\n{'model':22s} {'NFE':>4s} {(fd_key or 'loglik')[:10]:>10s} {'samples/s':>12s}")
+    n, nf = t_res.get("n", n_eval), t_res.get("n_floor", n_eval)
+    head = "loglik" if fd_key is None else f"FD n={n}"
+    print(f"\n{'model':22s} {'NFE':>4s} {head:>10s} {('FD n=' + str(nf)) if fd_key else '':>12s} {'samples/s':>12s}")
     print(_row("teacher (Heun)", t_res, fd_key))
     print(_row("SiD student (1 step)", s_res, fd_key))
     if floor_key and floor_key in t_res:
-        print(f"{'real-data floor':22s} {'':>4s} {t_res[floor_key]:>10.3f}   "
-              f"(held-out vs train images, n={t_res['n_floor']})")
+        print(f"{'real-data floor':22s} {'':>4s} {'':>10s} {t_res[floor_key]:>12.3f}   "
+              f"(held-out vs train images, n={nf})")
+    if fd_key:
+        print(f"FD = Fréchet distance in the feature space of fewstep's {fd_key[3:]} classifier (not Inception FID)")
     print(f"\nstudent samples {speedup:.0f}x faster than the teacher; "
           f"picture: {out / 'teacher_vs_student.png'}; numbers: {out / 'results.json'}")
     return results
