@@ -52,14 +52,15 @@ def train(name: str) -> dict:
             "command": " ".join(["fewstep", "teacher", "--data", data, "--out", str(run.relative_to(ROOT)), *opts])}
 
 
-def evaluate(name: str) -> dict:
+def evaluate(name: str, parts=("curves", "histogram"), previous: dict | None = None) -> dict:
     from fewstep.eval.runner import evaluate_model, headline
     from fewstep.model import load_model
 
     _, _, n = TEACHERS[name]
     model = load_model(ROOT / "fewstep" / "assets" / "teachers" / name)
+    out = dict(previous or {})
     curves = {}
-    for sampler, steps_list in STEPS.items():
+    for sampler, steps_list in (STEPS.items() if "curves" in parts else ()):
         rows = []
         for steps in steps_list:
             r = evaluate_model(model, n=n, seed=1, sampler=sampler, steps=steps)
@@ -68,10 +69,12 @@ def evaluate(name: str) -> dict:
                   + " ".join(f"{k}={v:.4g}" for k, v in headline(r).items() if k.startswith(("fd_", "mean_log", "mode"))),
                   flush=True)
         curves[sampler] = rows
-    out = {"n_samples": n, "curves": curves}
-    if name == "mnist5k":  # ten classes, balanced: the feature classifier's histogram of 5,000 samples
+    if "curves" in parts:
+        out.update({"n_samples": n, "curves": curves})
+    if name == "mnist5k" and "histogram" in parts:  # ten classes, balanced: the feature classifier's histogram of 5,000 samples
         r = evaluate_model(model, n=5000, seed=2, sampler="heun", steps=18)
         out["heun35_n5000"] = {k: v for k, v in r.items() if "class_" in k or k.startswith(("fd", "nfe", "n"))}
+        out["heun35_n5000"]["command"] = "python benchmarks/teachers.py --only mnist5k --eval-only --parts histogram"
         out["feature_net"] = json.loads((ROOT / "fewstep" / "assets" / "feature_nets" / "mnist5k.json").read_text())
     return out
 
@@ -80,6 +83,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", nargs="*", choices=sorted(TEACHERS), help="teachers to (re)make (default all)")
     ap.add_argument("--eval-only", action="store_true", help="skip training; evaluate the shipped teachers")
+    ap.add_argument("--parts", default="curves,histogram", help="evaluation parts: curves, histogram (mnist5k)")
     args = ap.parse_args()
     import torch
 
@@ -91,7 +95,7 @@ def main() -> None:
         entry = results["teachers"].get(name, {})
         if not args.eval_only:
             entry["training"] = train(name)
-        entry["evaluation"] = evaluate(name)
+        entry["evaluation"] = evaluate(name, tuple(args.parts.split(",")), entry.get("evaluation"))
         entry["environment"] = environment()
         results = json.loads(path.read_text()) if path.is_file() else {"teachers": {}}  # merge: runs may overlap
         results["teachers"][name] = entry

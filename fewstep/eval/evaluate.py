@@ -156,24 +156,27 @@ def evaluate_samples(samples, *, dataset=None, mixture=None, feature_net=None, r
     else:
         real, cache_key = torch.as_tensor(reference).detach().cpu(), None
     net.check_input(real)
-    if real.shape[0] < n_eval:  # equal sample counts: fewer real images than samples
+    # the class histogram (and label accuracy) use every sample; the distances compare
+    # equal sample counts, so they use the first n_eval when there are fewer real images
+    all_logits, all_feats = _features(net, x)
+    all_labels = labels
+    if real.shape[0] < n_eval:
         n_eval = real.shape[0]
-        x = x[:n_eval]
-        labels = None if labels is None else labels[:n_eval]
+    feats = all_feats[:n_eval]
     if cache_key is not None:
         _, real_feats = _features(net, real, cache_key)
         real_feats = _subset(real_feats, n_eval, seed)
     else:
         _, real_feats = _features(net, _subset(real, n_eval, seed))
-    logits, feats = _features(net, x)
 
     kid, kid_std = M.kernel_inception_distance(real_feats, feats, subset_size=kid_subset_size, seed=seed)
     prec, rec = M.precision_recall(real_feats, feats, k=pr_k)
-    hist = M.class_histogram(logits, net.config.num_classes)
+    hist = M.class_histogram(all_logits, net.config.num_classes)
     out = {
         "kind": "images",
         "feature_net": name,
         "n": int(n_eval),
+        "n_class_hist": int(all_logits.shape[0]),
         "n_reference": int(real_feats.shape[0]),
         "nonfinite_fraction": nonfinite,
         f"fd_{name}": M.frechet_distance(real_feats, feats),
@@ -184,8 +187,8 @@ def evaluate_samples(samples, *, dataset=None, mixture=None, feature_net=None, r
         f"class_hist_{name}": [round(float(h), 5) for h in hist],
         f"class_max_dev_{name}": M.max_uniform_deviation(hist),
     }
-    if labels is not None and labels.numel() == logits.shape[0]:
-        out[f"label_accuracy_{name}"] = float((logits.argmax(1) == labels.long()).double().mean())
+    if all_labels is not None and all_labels.numel() == all_logits.shape[0]:
+        out[f"label_accuracy_{name}"] = float((all_logits.argmax(1) == all_labels.long()).double().mean())
     return out
 
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import torch
 
-from ..diffusion.denoiser import append_dims, sample_edm_sigma
+from ..diffusion.denoiser import sample_edm_sigma
 from .base import register_method
-from .fake_score import FakeScoreMethod, finite_rows, guided
+from .fake_score import FakeScoreMethod, denoise_both
 
 
 def diff_instruct_loss(x_g: torch.Tensor, y_real: torch.Tensor, y_fake: torch.Tensor,
@@ -27,10 +27,7 @@ def diff_instruct_generator_loss(generator_out, teacher, fake, labels=None, *, s
         sigma = sample_edm_sigma(x_g.shape[0], p_mean, p_std, device=x_g.device)
     if noise is None:
         noise = torch.randn_like(x_g)
-    with torch.no_grad():
-        x_t = x_g.detach() + append_dims(sigma, x_g.ndim) * noise
-        y_real = teacher(x_t, sigma, labels)
-        y_fake = fake(x_t, sigma, labels)
+    y_real, y_fake = denoise_both(x_g, teacher, fake, labels, sigma, noise, through_networks=False)
     loss = diff_instruct_loss(x_g, y_real, y_fake)
     return loss.flatten(1).sum(1), {"sigma": sigma, "y_real": y_real, "y_fake": y_fake}
 
@@ -43,12 +40,6 @@ class DiffInstruct(FakeScoreMethod):
     name = "diff-instruct"
     summary = "Diff-Instruct (fake score, no gradient through the networks)"
 
-    def generator_loss(self, batch):
-        c = self.config
-        x_g, labels = self.generator_step_inputs()
-        k = self.data_info.num_classes
-        per, info = diff_instruct_generator_loss(x_g, guided(self.teacher, c.guidance_teacher, k),
-                                                 guided(self.fake, c.guidance_fake, k), labels,
-                                                 p_mean=c.p_mean, p_std=c.p_std)
-        keep = finite_rows(x_g, info["y_real"], info["y_fake"])
-        return per[keep].sum() * (c.loss_scale / self.batch_size), {"nan_samples/generator": int((~keep).sum())}
+    def per_sample_loss(self, x_g, teacher, fake, labels):
+        return diff_instruct_generator_loss(x_g, teacher, fake, labels, p_mean=self.config.p_mean,
+                                            p_std=self.config.p_std)

@@ -14,7 +14,7 @@ import torch
 from ..config import require
 from ..diffusion.denoiser import append_dims
 from .base import register_method
-from .fake_score import FakeScoreConfig, FakeScoreMethod, finite_rows, generator_sigma, guided
+from .fake_score import FakeScoreConfig, FakeScoreMethod, denoise_both, generator_sigma
 
 
 def dmd_grad(x_g: torch.Tensor, y_real: torch.Tensor, y_fake: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
@@ -36,10 +36,7 @@ def dmd_generator_loss(generator_out, teacher, fake, labels=None, *, sigma=None,
         sigma = generator_sigma(x_g.shape[0], t_min, t_max, device=x_g.device)
     if noise is None:
         noise = torch.randn_like(x_g)
-    with torch.no_grad():
-        x_t = x_g.detach() + append_dims(sigma, x_g.ndim) * noise
-        y_real = teacher(x_t, sigma, labels)
-        y_fake = fake(x_t, sigma, labels)
+    y_real, y_fake = denoise_both(x_g, teacher, fake, labels, sigma, noise, through_networks=False)
     loss = dmd_loss(x_g, dmd_grad(x_g, y_real, y_fake))
     return loss.flatten(1).sum(1), {"sigma": sigma, "y_real": y_real, "y_fake": y_fake}
 
@@ -105,16 +102,13 @@ class DMD(FakeScoreMethod):
             self.pairs = (tensors["pairs.z"].to(self.device), tensors["pairs.x"].to(self.device),
                           tensors["pairs.labels"].to(self.device) if "pairs.labels" in tensors else None)
 
+    def per_sample_loss(self, x_g, teacher, fake, labels):
+        return dmd_generator_loss(x_g, teacher, fake, labels, t_min=self.config.t_min, t_max=self.config.t_max)
+
     def generator_loss(self, batch):
+        """The distribution-matching loss plus, when enabled, the regression term (DMD)."""
         c = self.config
-        x_g, labels = self.generator_step_inputs()
-        k = self.data_info.num_classes
-        per, info = dmd_generator_loss(x_g, guided(self.teacher, c.guidance_teacher, k),
-                                       guided(self.fake, c.guidance_fake, k), labels,
-                                       t_min=c.t_min, t_max=c.t_max)
-        keep = finite_rows(x_g, info["y_real"], info["y_fake"])
-        loss = per[keep].sum() * (c.loss_scale / self.batch_size)
-        stats = {"nan_samples/generator": int((~keep).sum())}
+        loss, stats = super().generator_loss(batch)
         if c.regression_weight > 0:
             if self.pairs is None:
                 self._make_pairs()

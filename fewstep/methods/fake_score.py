@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..config import require
-from ..diffusion.denoiser import EDMPrecond, edm_loss, karras_ramp
+from ..diffusion.denoiser import EDMPrecond, append_dims, edm_loss, karras_ramp
 from ..diffusion.guidance import CFGDenoiser
 from ..errors import FewstepError
 from ..model import FewstepModel, one_step_generate
@@ -60,6 +60,19 @@ def guided(den: nn.Module, scale: float, num_classes: int) -> nn.Module:
     if num_classes <= 0 or scale == 1.0:
         return den
     return CFGDenoiser(den, scale, null_label=num_classes)
+
+
+def denoise_both(x_g: torch.Tensor, teacher: nn.Module, fake: nn.Module, labels, sigma: torch.Tensor,
+                 noise: torch.Tensor, *, through_networks: bool):
+    """x_t = x_g + σ·ε and (f_φ(x_t, σ), f_ψ(x_t, σ)).
+
+    ``through_networks`` keeps the gradient from both outputs back to x_g (SiD);
+    otherwise neither network is differentiated (Diff-Instruct, DMD).
+    """
+    x_in = x_g if through_networks else x_g.detach()
+    with torch.set_grad_enabled(through_networks and torch.is_grad_enabled()):
+        x_t = x_in + append_dims(sigma, x_g.ndim) * noise
+        return teacher(x_t, sigma, labels), fake(x_t, sigma, labels)
 
 
 def finite_rows(*tensors: torch.Tensor) -> torch.Tensor:
@@ -154,8 +167,20 @@ class FakeScoreMethod(Method):
         finally:
             self.fake.requires_grad_(True)
 
-    def generator_loss(self, batch):  # pragma: no cover - abstract
+    def per_sample_loss(self, x_g, teacher, fake, labels):  # pragma: no cover - abstract
+        """The method's generator loss of a batch: ``(per-sample loss [N], info with y_real/y_fake)``."""
         raise NotImplementedError
+
+    def generator_loss(self, batch):
+        """Step 2: the method's loss on a fresh batch x_g; NaN samples dropped (and counted)."""
+        c = self.config
+        x_g, labels = self.generator_step_inputs()
+        k = self.data_info.num_classes
+        per, info = self.per_sample_loss(x_g, guided(self.teacher, c.guidance_teacher, k),
+                                         guided(self.fake, c.guidance_fake, k), labels)
+        keep = finite_rows(x_g, info["y_real"], info["y_fake"])
+        loss = per[keep].sum() * (c.loss_scale / self.batch_size)
+        return loss, {"nan_samples/generator": int((~keep).sum())}
 
     def export_config(self) -> dict:
         from ..nets.build import net_config

@@ -19,7 +19,7 @@ import torch
 from ..config import require
 from ..diffusion.denoiser import append_dims
 from .base import register_method
-from .fake_score import FakeScoreConfig, FakeScoreMethod, finite_rows, generator_sigma, guided
+from .fake_score import FakeScoreConfig, FakeScoreMethod, denoise_both, generator_sigma
 
 
 def sid_weight(x_g: torch.Tensor, y_real: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
@@ -55,10 +55,7 @@ def sid_generator_loss(generator_out: torch.Tensor, teacher, fake, labels=None, 
         sigma = generator_sigma(n, t_min, t_max, device=x_g.device)
     if noise is None:
         noise = torch.randn_like(x_g)
-    x_in = x_g if through_networks else x_g.detach()
-    x_t = x_in + append_dims(sigma, x_g.ndim) * noise
-    y_real = teacher(x_t, sigma, labels)
-    y_fake = fake(x_t, sigma, labels)
+    y_real, y_fake = denoise_both(x_g, teacher, fake, labels, sigma, noise, through_networks=through_networks)
     loss = sid_loss(x_g, y_real, y_fake, alpha)
     return loss.flatten(1).sum(1), {"sigma": sigma, "y_real": y_real, "y_fake": y_fake}
 
@@ -84,13 +81,6 @@ class SiD(FakeScoreMethod):
     Config = SiDConfig
     summary = "Score identity Distillation (data-free, one step; the flagship)"
 
-    def generator_loss(self, batch):
+    def per_sample_loss(self, x_g, teacher, fake, labels):
         c = self.config
-        x_g, labels = self.generator_step_inputs()
-        k = self.data_info.num_classes
-        per, info = sid_generator_loss(x_g, guided(self.teacher, c.guidance_teacher, k),
-                                       guided(self.fake, c.guidance_fake, k), labels,
-                                       alpha=c.alpha, t_min=c.t_min, t_max=c.t_max)
-        keep = finite_rows(x_g, info["y_real"], info["y_fake"])  # NaN samples dropped (reference)
-        loss = per[keep].sum() * (c.loss_scale / self.batch_size)
-        return loss, {"nan_samples/generator": int((~keep).sum())}
+        return sid_generator_loss(x_g, teacher, fake, labels, alpha=c.alpha, t_min=c.t_min, t_max=c.t_max)

@@ -1,0 +1,61 @@
+"""Method-level behaviour of the fake-score family (SiD, Diff-Instruct, DMD)."""
+import torch
+
+from fewstep.diffusion.denoiser import EDMPrecond, karras_sigmas
+from fewstep.diffusion.samplers import heun
+from fewstep.methods.dmd import DMD, DMDConfig
+from fewstep.methods.sid import SiD, SiDConfig
+from fewstep.model import FewstepModel
+from fewstep.nets import build_net
+
+NET = {"name": "mlp", "dim": 2, "width": 32, "depth": 2, "emb_channels": 16}
+
+
+def _teacher():
+    torch.manual_seed(0)
+    den = EDMPrecond(build_net(NET))
+    cfg = {"type": "denoiser", "net": NET, "precond": {"name": "edm", "sigma_data": 0.5},
+           "data": {"kind": "points", "sample_shape": [2], "num_classes": 0, "name": "8gaussians"}}
+    return FewstepModel(den, cfg)
+
+
+def test_dmd_regression_pairs_are_teacher_ode_samples_and_are_checkpointed():
+    teacher = _teacher()
+    m = DMD.create(DMDConfig(regression_weight=0.25, regression_pairs=16, regression_steps=3), teacher=teacher)
+    m.batch_size = 8
+    m.optimizers = m.build_optimizers()
+    loss, stats = m.generator_loss(None)
+    assert torch.isfinite(loss) and stats["loss/regression"] > 0
+    z, x, _ = m.pairs
+    sig = karras_sigmas(3)
+    torch.testing.assert_close(x, heun(teacher.denoiser, z * sig[0], sig).x)
+    tensors, meta = m.extra_state()
+    other = DMD.create(DMDConfig(regression_weight=0.25, regression_pairs=16, regression_steps=3), teacher=teacher)
+    other.load_extra_state(tensors, meta)
+    assert torch.equal(other.pairs[0], z) and torch.equal(other.pairs[1], x)
+
+
+def test_generator_update_changes_only_the_generator():
+    m = SiD.create(SiDConfig(), teacher=_teacher())
+    m.batch_size = 16
+    m.optimizers = m.build_optimizers()
+    # an iteration starts with the fake-score update (before it f_ψ = f_φ and the G gradient is exactly 0)
+    fake_phase = [p for p in m.phases() if p.name == "fake"][0]
+    m.optimizers["fake"].zero_grad()
+    fake_phase.loss(None)[0].backward()
+    m.optimizers["fake"].step()
+    fake0 = {k: v.clone() for k, v in m.fake.state_dict().items()}
+    teacher0 = {k: v.clone() for k, v in m.teacher.state_dict().items()}
+    g0 = {k: v.clone() for k, v in m.G.state_dict().items()}
+    gen_phase = [p for p in m.phases() if p.name == "generator"][0]
+    opt = m.optimizers["generator"]
+    opt.zero_grad()
+    m.fake.zero_grad(set_to_none=True)
+    loss, _ = gen_phase.loss(None)
+    loss.backward()
+    assert all(p.grad is None for p in m.fake.parameters())  # only θ gets gradients
+    opt.step()
+    assert all(torch.equal(v, fake0[k]) for k, v in m.fake.state_dict().items())
+    assert all(torch.equal(v, teacher0[k]) for k, v in m.teacher.state_dict().items())
+    assert any(not torch.equal(v, g0[k]) for k, v in m.G.state_dict().items())
+    assert all(p.requires_grad for p in m.fake.parameters())  # restored for its own phase
