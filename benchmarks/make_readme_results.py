@@ -95,7 +95,10 @@ def sid_section(d: dict) -> list[str]:
         if pm is None:
             return
         cmd = (distill or {}).get("command") or cmds.get(part, "")
-        rows.append([setting, model, (m or {}).get("nfe"), f"{_label(pm[0])} = {_fmt(pm[1])}",
+        m = m or {}
+        div = m.get("mode_coverage", next((v for k, v in m.items() if k.startswith("recall_")), None))
+        rows.append([setting, model, m.get("nfe"), f"{_label(pm[0])} = {_fmt(pm[1])}", m.get("n_samples"),
+                     _fmt(div) if div is not None else "", _fmt(m.get("samples_per_second")),
                      (distill or {}).get("kimg"), (distill or {}).get("train_seconds"), _code(cmd)])
 
     for preset, r in (d.get("mixture") or {}).items():
@@ -115,7 +118,15 @@ def sid_section(d: dict) -> list[str]:
     if not rows:
         return []
     out = ["### SiD and the fake-score family", "",
-           _table(["setting", "model", "NFE", "metric", "train kimg", "train s", "command"], rows), ""]
+           _table(["setting", "model", "NFE", "metric", "n", "modes / recall", "samples/s", "train kimg",
+                   "train s", "command"], rows), ""]
+    cost = d.get("cost")
+    if isinstance(cost, dict) and cost:
+        out += ["SiD iteration time as a multiple of one teacher-training step at the same batch "
+                "(`python benchmarks/sid.py --only cost`; the floor is about 3):", "",
+                _table(["data", "batch", "teacher step s", "SiD iteration s", "ratio"],
+                       [[k, v.get("batch"), _fmt(v.get("teacher_step_seconds")), _fmt(v.get("sid_iteration_seconds")),
+                         _fmt(v.get("ratio"))] for k, v in cost.items()]), ""]
     if cmds:
         out += ["Benchmark scripts: " + ", ".join(_code(c) for c in cmds.values()) + ".", ""]
     return out

@@ -325,8 +325,14 @@ class Trainer:
             from tqdm import tqdm
 
             bar_total = -(-total // per_iter) * per_iter  # whole iterations
-            bar = tqdm(total=bar_total / 1000, initial=self.nimg / 1000, unit="kimg", desc=m.name,
-                       bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} kimg [{elapsed}<{remaining}{postfix}]")
+            budget = cfg.max_minutes * 60 if cfg.max_minutes is not None else None
+            time_bar = budget is not None and budget < 1e6  # a wall-clock budget: the bar shows time
+            if time_bar:
+                bar = tqdm(total=budget, initial=min(self.elapsed, budget), unit="s", desc=m.name,
+                           bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s of training [{elapsed}{postfix}]")
+            else:
+                bar = tqdm(total=bar_total / 1000, initial=self.nimg / 1000, unit="kimg", desc=m.name,
+                           bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} kimg [{elapsed}<{remaining}{postfix}]")
         t_start = time.perf_counter()
         elapsed0 = self.elapsed
         iters_this_run = 0
@@ -354,7 +360,7 @@ class Trainer:
             self.elapsed = elapsed0 + (time.perf_counter() - t_start) - self._pause
             stats.setdefault("sec_per_iter", []).append(time.perf_counter() - t_it)
             if bar is not None:
-                bar.update(per_iter / 1000)
+                bar.update(min(self.elapsed, budget) - bar.n if time_bar else per_iter / 1000)
             crossed = {k: self.nimg // int(getattr(cfg, f"{k}_every_kimg") * 1000) > marks[k] for k in marks}
             done = self.nimg >= total
             if crossed["log"] or done:
@@ -370,6 +376,8 @@ class Trainer:
                     post = {k.split("/", 1)[1]: f"{v:.4g}" for k, v in rec.items() if k.startswith("loss/")}
                     post["it/s"] = f"{1.0 / max(rec.get('sec_per_iter', 1e-9), 1e-9):.1f}"
                     post["img/s"] = f"{per_iter / max(rec.get('sec_per_iter', 1e-9), 1e-9):.0f}"
+                    if time_bar:
+                        post["kimg"] = f"{self.nimg / 1000:.1f}"
                     if last_metric:
                         post.update(last_metric)
                     bar.set_postfix(post, refresh=False)
