@@ -24,18 +24,6 @@ from fewstep.training.loop import TrainConfig, Trainer
 NET = {"name": "mlp", "dim": 2, "width": 32, "depth": 2, "emb_channels": 16}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread_float32():
-    """Tiny networks: one thread is ~10x faster than two on a shared, loaded CPU. Float32 defaults
-    whatever other test modules set at import time (test_sid_math sets float64 while collected)."""
-    n, dtype = torch.get_num_threads(), torch.get_default_dtype()
-    torch.set_num_threads(1)
-    torch.set_default_dtype(torch.float32)
-    yield
-    torch.set_num_threads(n)
-    torch.set_default_dtype(dtype)
-
-
 def init_model(teacher: FewstepModel, net=NET, seed=0) -> FewstepModel:
     cfg = {"format": "fewstep.model", "version": 1, "type": "denoiser", "net": net,
            "precond": {"name": "edm", "sigma_data": 0.5}, "data": teacher.config["data"],

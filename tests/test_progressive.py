@@ -26,18 +26,6 @@ from fewstep.training.loop import TrainConfig, Trainer
 NET = {"name": "mlp", "dim": 2, "width": 32, "depth": 2, "emb_channels": 16}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread_float32():
-    """Tiny networks: one thread is ~10x faster than two on a shared, loaded CPU. Float32 defaults
-    whatever other test modules set at import time (test_sid_math sets float64 while collected)."""
-    n, dtype = torch.get_num_threads(), torch.get_default_dtype()
-    torch.set_num_threads(1)
-    torch.set_default_dtype(torch.float32)
-    yield
-    torch.set_num_threads(n)
-    torch.set_default_dtype(dtype)
-
-
 def _mix():
     means = torch.tensor([[-0.6, 0.1], [0.5, -0.2], [0.0, 0.7]], dtype=torch.float64)
     return GaussianMixture([0.3, 0.5, 0.2], means, torch.tensor([0.04, 0.02, 0.05]))

@@ -32,6 +32,16 @@ def _prepare(path) -> Path:
     return path
 
 
+def _save(fig, ax, path, title: str | None) -> Path:
+    """Title, tight layout and PNG output shared by the plotting functions."""
+    if title:
+        ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    path = _prepare(path)
+    fig.savefig(path, dpi=120)
+    return path
+
+
 def to_uint8(x) -> np.ndarray:
     """Model-space images ``[N, C, H, W]`` in [-1, 1] → uint8 ``[N, H, W, C]`` (NaN → 0)."""
     x = torch.as_tensor(x).detach().cpu().float()
@@ -125,12 +135,7 @@ def save_scatter(points, path, reference=None, title: str | None = None, lim: fl
     ax.set_aspect("equal", adjustable="datalim")
     if reference is not None:
         ax.legend(loc="upper right", markerscale=4, fontsize=8)
-    if title:
-        ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    path = _prepare(path)
-    fig.savefig(path, dpi=120)
-    return path
+    return _save(fig, ax, path, title)
 
 
 def plot_curves(series: dict, path, xlabel: str, ylabel: str, logy: bool = False,
@@ -153,12 +158,7 @@ def plot_curves(series: dict, path, xlabel: str, ylabel: str, logy: bool = False
     ax.set_ylabel(ylabel)
     ax.grid(True, alpha=0.3, which="both")
     ax.legend(fontsize=8)
-    if title:
-        ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    path = _prepare(path)
-    fig.savefig(path, dpi=120)
-    return path
+    return _save(fig, ax, path, title)
 
 
 __all__ = ["make_grid", "plot_curves", "save_comparison_grid", "save_image_grid", "save_scatter", "to_uint8"]
