@@ -67,6 +67,28 @@ def get_method(name: str) -> type["Method"]:
     return METHODS[name]
 
 
+def initial_network(method: str, teacher, init=None) -> nn.Module:
+    """A copy of the network a student starts from: ``init``'s if given, else the teacher's.
+
+    Exact-mixture (or other weightless) teachers need ``--init``; its samples must have
+    the teacher's shape. Raises :class:`FewstepError` saying which.
+    """
+    import copy
+
+    from ..diffusion.denoiser import EDMPrecond
+
+    src = init or teacher
+    if not isinstance(src.denoiser, EDMPrecond):
+        raise FewstepError(
+            f"{method} initialises its networks from the teacher's network, but this teacher "
+            f"({src.config.get('type')}) has none: pass --init with a fewstep denoiser of the same data "
+            "(e.g. one trained with `fewstep teacher`, such as shipped:8gaussians for mixture:ring8)")
+    if init is not None and tuple(init.data_info.sample_shape) != tuple(teacher.data_info.sample_shape):
+        raise FewstepError(f"--init makes samples of shape {init.data_info.sample_shape} but the teacher "
+                           f"{teacher.data_info.sample_shape}")
+    return copy.deepcopy(src.denoiser)
+
+
 class Method(abc.ABC):
     """Base class. Subclasses set ``name``, ``Config`` and implement the abstract hooks.
 

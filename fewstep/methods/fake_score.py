@@ -8,7 +8,6 @@ loss. Subclasses only write that generator loss.
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 
 import torch
@@ -19,7 +18,7 @@ from ..diffusion.denoiser import EDMPrecond, append_dims, edm_loss, karras_ramp
 from ..diffusion.guidance import CFGDenoiser
 from ..errors import FewstepError
 from ..model import FewstepModel, one_step_generate
-from .base import DataInfo, Method, Phase
+from .base import DataInfo, Method, Phase, initial_network
 
 
 @dataclass
@@ -105,17 +104,9 @@ class FakeScoreMethod(Method):
     @classmethod
     def create(cls, config, *, teacher: FewstepModel, dataset=None, init: FewstepModel | None = None):
         """Generator and fake score both start from the teacher's weights (or from ``init``)."""
+        G = initial_network(cls.name, teacher, init).train().requires_grad_(True)
+        fake = initial_network(cls.name, teacher, init).train().requires_grad_(True)
         src = init or teacher
-        if not isinstance(src.denoiser, EDMPrecond):
-            raise FewstepError(
-                f"{cls.name} initialises the generator and the fake score from the teacher's network, "
-                f"but this teacher ({src.config.get('type')}) has none: pass --init with a trained "
-                "fewstep denoiser of the same data (e.g. `fewstep teacher --data 8gaussians`)")
-        if init is not None and tuple(init.data_info.sample_shape) != tuple(teacher.data_info.sample_shape):
-            raise FewstepError(f"--init makes samples of shape {init.data_info.sample_shape} but the teacher "
-                               f"{teacher.data_info.sample_shape}")
-        G = copy.deepcopy(src.denoiser).train().requires_grad_(True)
-        fake = copy.deepcopy(src.denoiser).train().requires_grad_(True)
         info = DataInfo(**{**teacher.data_info.__dict__})
         info.num_classes = min(teacher.data_info.num_classes, src.data_info.num_classes)
         return cls(config, teacher.denoiser, G, fake, info)

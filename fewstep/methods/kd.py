@@ -33,7 +33,7 @@ from torch import nn
 from ..config import require
 from ..errors import FewstepError
 from ..model import FewstepModel, one_step_generate
-from .base import DataInfo, Method, Phase, register_method
+from .base import DataInfo, Method, Phase, initial_network, register_method
 
 ODE_SAMPLERS = ("euler", "heun", "ddim", "dpmpp-2m")
 
@@ -266,22 +266,11 @@ class KnowledgeDistillation(Method):
 
     @classmethod
     def create(cls, config, *, teacher: FewstepModel, dataset=None, init: FewstepModel | None = None):
-        from ..diffusion.denoiser import EDMPrecond
-
-        src = init or teacher
-        if not isinstance(src.denoiser, EDMPrecond):
-            raise FewstepError(
-                f"kd initialises the student from the teacher's network, but this teacher "
-                f"({src.config.get('type')}) has none: pass --init with a fewstep denoiser of the same data")
-        if init is not None and tuple(init.data_info.sample_shape) != tuple(teacher.data_info.sample_shape):
-            raise FewstepError(f"--init makes samples of shape {init.data_info.sample_shape} but the teacher "
-                               f"{teacher.data_info.sample_shape}")
-        import copy
-
+        student = initial_network(cls.name, teacher, init)
         info = DataInfo(**{**teacher.data_info.__dict__})
         if init is not None:
             info.num_classes = min(teacher.data_info.num_classes, init.data_info.num_classes)
-        return cls(config, teacher, copy.deepcopy(src.denoiser), info)
+        return cls(config, teacher, student, info)
 
     def pairs_path(self) -> Path:
         if self.config.pairs:

@@ -69,7 +69,7 @@ from ..config import require
 from ..diffusion.denoiser import EDMPrecond, append_dims
 from ..errors import FewstepError
 from ..model import FewstepModel
-from .base import DataInfo, Method, Phase
+from .base import DataInfo, Method, Phase, initial_network
 
 PREDICTIONS = ("x", "v", "both")
 WEIGHTINGS = ("auto", "truncated-snr", "snr+1")
@@ -267,16 +267,7 @@ class StepDistillMethod(Method):
     # ---- construction ---------------------------------------------------------------------
     @classmethod
     def initial_student(cls, config, teacher: FewstepModel, init: FewstepModel | None) -> nn.Module:
-        src = init or teacher
-        if not isinstance(src.denoiser, EDMPrecond):
-            raise FewstepError(
-                f"{cls.name} initialises the student from the teacher's network, but this teacher "
-                f"({src.config.get('type')}) has none: pass --init with a fewstep denoiser of the same data "
-                "(e.g. one trained with `fewstep teacher`, or an untrained one for exact mixture teachers)")
-        if init is not None and tuple(init.data_info.sample_shape) != tuple(teacher.data_info.sample_shape):
-            raise FewstepError(f"--init makes samples of shape {init.data_info.sample_shape} but the teacher "
-                               f"{teacher.data_info.sample_shape}")
-        student = copy.deepcopy(src.denoiser)
+        student = initial_network(cls.name, teacher, init)
         if config.prediction == "both":
             from ..nets.two_head import two_head_from
 
