@@ -21,7 +21,7 @@ sampling time. All students are trained through the CLI (``fewstep distill ...``
 in one process, one after the other, on this machine.
 
     python benchmarks/progressive.py --quick           # ~2 minutes on 2 CPU cores
-    python benchmarks/progressive.py                   # the full run (hours on CPU)
+    python benchmarks/progressive.py                   # the full run (~90 min on one CPU core)
     python benchmarks/progressive.py --device cuda
 
 Results: ``benchmarks/results/progressive[-quick].{json,md}``; run folders under ``--work``.
@@ -63,8 +63,8 @@ SETTINGS = {
         "mix_init_kimg": 200, "mix_batch": 512, "mix_start": 64, "mix_kimg_per_stage": 150, "mix_tract": [64, 8, 1],
         "mix_lr": 1e-3, "mix_pairs": 50000, "mix_n_eval": 20000,
         "image_data": "mnist5k", "image_teacher_kimg": 1000, "image_teacher_net": None,
-        "image_batch": 128, "image_start": 64, "image_kimg_per_stage": 100, "image_tract": [64, 8, 1],
-        "image_lr": 2e-4, "image_pairs": 20000, "image_n_eval": 1000,
+        "image_batch": 64, "image_start": 64, "image_kimg_per_stage": 65, "image_tract": [64, 8, 1],
+        "image_lr": 2e-4, "image_pairs": 10000, "image_n_eval": 1000,
     },
 }
 STEPS = (8, 4, 2, 1)

@@ -1,6 +1,6 @@
 """SiD benchmarks (issue "SiD"): one-step students against their teachers.
 
-    python benchmarks/sid.py --only mixture      # exact mixture teachers (≈ 8 min)
+    python benchmarks/sid.py --only mixture --minutes 12   # exact mixture teachers (≈ 26 min; --presets ring8 | grid25)
     python benchmarks/sid.py --only mnist5k      # FD vs images seen, ≤ 30 CPU-minutes of SiD
     python benchmarks/sid.py --only compare      # SiD vs Diff-Instruct vs DMD, equal wall-clock, one table
     python benchmarks/sid.py --only cost         # SiD iteration time / teacher-training step, same batch
@@ -54,14 +54,19 @@ def _distill(method: str, teacher: str, out: Path, minutes: float, *extra: str, 
 
 
 # ---- exact mixture teachers ------------------------------------------------------------------------
-def bench_mixture(minutes: float) -> dict:
+MIXTURES = {"ring8": "8gaussians", "grid25": "25gaussians"}  # exact teacher preset: its shipped MLP initialisation
+
+
+def bench_mixture(minutes: float, presets=tuple(MIXTURES)) -> dict:
     out = {}
-    for preset, data in (("ring8", "8gaussians"), ("grid25", "25gaussians")):
+    for preset in presets:
+        data = MIXTURES[preset]
         run = RUNS / f"sid-mixture-{preset}"
         shutil.rmtree(run, ignore_errors=True)
         info = _distill("sid", f"mixture:{preset}", run, minutes, "--init", str(SHIPPED / data),
                         "--batch-size", "256", "--lr-g", "1e-4", "--lr-fake", "1e-4",
-                        "--ema-halflife-kimg", "20", "--snapshot-every-kimg", "200", "--checkpoint-every-kimg", "200")
+                        "--ema-halflife-kimg", "20", "--lr-decay-kimg", "500", "--snapshot-every-kimg", "200", "--checkpoint-every-kimg", "200",
+                        eval_n=5000, eval_every=100.0)
         n = 20000
         teacher = _eval(f"mixture:{preset}", n, sampler="heun", steps=18)
         student = _eval(run, n)
@@ -75,9 +80,31 @@ def bench_mixture(minutes: float) -> dict:
             "within_5pct": abs(gap) <= __import__("math").log(1 + LIKELIHOOD_TOLERANCE),
             "all_modes_covered": student["mode_coverage"] == 1.0,
             "student_checkpoint": _ship_student(run, f"sid-{preset}"),
+            "curve": [{"kimg": r["kimg"], "train_seconds": r["train_seconds"], "log_likelihood": r["log_likelihood"],
+                       "mode_coverage": r["mode_coverage"]}
+                      for r in map(json.loads, filter(str.strip, (run / "metrics.jsonl").read_text().splitlines()))],
+            "curve_n": 5000, "curve_seed": 0,
         }
+        out[preset]["curve_plot"] = plot_mixture_curve(preset, out[preset])
         print(json.dumps({preset: {k: v for k, v in out[preset].items() if k != "distill"}}, indent=1), flush=True)
     return out
+
+
+def plot_mixture_curve(preset: str, res: dict) -> str:
+    """Exact log-likelihood of the one-step student vs images seen (in-run evaluations), against the
+    exact teacher's 35-NFE Heun samples and the 5% band around them."""
+    from fewstep.eval.plots import plot_curves
+
+    xs = [r["kimg"] for r in res["curve"]]
+    t = res["teacher_exact_heun35"]["log_likelihood"]
+    band = __import__("math").log(1 + LIKELIHOOD_TOLERANCE)
+    plot = RESULTS / f"sid_{preset}_loglik_curve.png"
+    plot_curves({"SiD student (1 NFE, EMA)": (xs, [r["log_likelihood"] for r in res["curve"]]),
+                 "exact teacher, Heun (35 NFE)": (xs, [t] * len(xs)),
+                 "teacher − ln 1.05": (xs, [t - band] * len(xs))},
+                plot, xlabel="images seen (kimg)", ylabel=f"mean log-likelihood (n={res['curve_n']}, seed 0)",
+                title=f"SiD on mixture:{preset}")
+    return str(plot.relative_to(ROOT))
 
 
 def _pick(r: dict) -> dict:
@@ -205,6 +232,8 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", default=["mixture", "cost", "compare", "mnist5k"],
                     choices=["mixture", "mnist5k", "digits", "compare", "cost"])
     ap.add_argument("--minutes", type=float, default=None, help="override each run's wall-clock budget")
+    ap.add_argument("--presets", nargs="*", default=list(MIXTURES), choices=list(MIXTURES),
+                    help="mixture part: which exact teachers (separate processes may run one each; results merge)")
     ap.add_argument("--compare-data", default="digits")
     ap.add_argument("--replot", default=None, help="only redraw the FD curve of this finished image run")
     args = ap.parse_args()
@@ -222,7 +251,7 @@ def main() -> None:
     for part in args.only:
         t0 = time.time()
         if part == "mixture":
-            results["mixture"] = bench_mixture(args.minutes or 4.0)
+            results["mixture"] = bench_mixture(args.minutes or 12.0, args.presets)
         elif part in ("mnist5k", "digits"):
             results[part] = bench_images(part, args.minutes or (28.0 if part == "mnist5k" else 8.0),
                                          eval_every=20.0 if part == "mnist5k" else 3.0, batch=32, lr="5e-5")
@@ -232,9 +261,11 @@ def main() -> None:
             results["cost"] = {d: bench_cost(d, 32) for d in ("digits", "mnist5k") if (SHIPPED / d).is_dir()}
         part_result = results[part]
         results = json.loads(path.read_text()) if path.is_file() else {}  # merge: other parts may have run meanwhile
+        cmd = f"python benchmarks/sid.py --only {part}" + (f" --minutes {args.minutes}" if args.minutes else "")
+        if part == "mixture":  # merge per preset: `--presets ring8` and `--presets grid25` may run side by side
+            part_result = {**results.get("mixture", {}), **part_result}
         results[part] = part_result
-        results.setdefault("commands", {})[part] = f"python benchmarks/sid.py --only {part}" + (
-            f" --minutes {args.minutes}" if args.minutes else "")
+        results.setdefault("commands", {})[part] = cmd
         results["environment"] = environment()
         write_json("sid.json", results)
         print(f"{part}: {time.time() - t0:.0f}s", flush=True)

@@ -24,14 +24,17 @@ from common import RESULTS, ROOT, RUNS, environment, fewstep, threads, write_jso
 TEACHERS = {
     # name: (dataset, CLI training options, evaluation sample count)
     "8gaussians": ("8gaussians", ["--total-kimg", "2000", "--batch-size", "256", "--lr", "2e-3",
-                                  "--max-minutes", "3", "--ema-halflife-kimg", "20"], 5000),
+                                  "--max-minutes", "5", "--ema-halflife-kimg", "20"], 5000),
     "25gaussians": ("25gaussians", ["--total-kimg", "3000", "--batch-size", "256", "--lr", "2e-3",
-                                    "--max-minutes", "4", "--ema-halflife-kimg", "20"], 5000),
+                                    "--max-minutes", "6", "--ema-halflife-kimg", "20"], 5000),
     "digits": ("digits", ["--total-kimg", "2000", "--batch-size", "64", "--lr", "1e-3",
                           "--max-minutes", "8", "--ema-halflife-kimg", "10"], 300),
     "mnist5k": ("mnist5k", ["--total-kimg", "5000", "--batch-size", "64", "--lr", "1e-3",
                             "--max-minutes", "28", "--ema-halflife-kimg", "10"], 1000),
 }
+STEPS = {"euler": [1, 2, 4, 8, 16, 35], "ddim": [1, 2, 4, 8, 16, 35], "dpmpp-2m": [1, 2, 4, 8, 16, 35],
+         "heun": [1, 2, 3, 5, 9, 18]}  # heun: NFE = 2·steps − 1
+
 
 def train(name: str) -> dict:
     data, opts, _ = TEACHERS[name]
@@ -66,7 +69,7 @@ def evaluate(name: str, parts=("curves", "histogram"), previous: dict | None = N
             r = evaluate_model(model, n=n, seed=1, sampler=sampler, steps=steps)
             rows.append({"steps": steps, **headline(r)})
             print(f"  {name} {sampler:9s} steps={steps:3d} NFE={r['nfe']:3d} "
-                  + " ".join(f"{k}={v:.4g}" for k, v in headline(r).items() if k.startswith(("fd_", "mean_log", "mode"))),
+                  + " ".join(f"{k}={v:.4g}" for k, v in headline(r).items() if k.startswith(("fd_", "log_likelihood", "mode"))),
                   flush=True)
         curves[sampler] = rows
     if "curves" in parts:

@@ -474,7 +474,7 @@ def _plots(result: dict, out: Path) -> dict:
 
 def markdown(result: dict) -> str:
     """The bench's Markdown report: one table with quality, diversity, NFE, images seen and time."""
-    from .eval.tables import columns, fmt, markdown_table
+    from .eval.tables import columns, markdown_table
 
     meta = result["meta"]
     rows = result["rows"]
@@ -671,7 +671,7 @@ def cmd_bench(args) -> int:
                       overrides=_parse_set(args.overrides), inception=args.inception, grid_n=args.grid_n,
                       device=args.device, progress=args.progress, tensorboard=args.tensorboard)
     cfg.command = cfg.to_command()  # canonical: the same however the bench was invoked
-    result = run_bench(cfg)
+    run_bench(cfg)
     print((Path(cfg.out) / "results.md").read_text())
     return 0
 

@@ -59,7 +59,7 @@ def _train(method, train_cfg, out: Path, run_config: dict, *, dataset=None, eval
     trainer = Trainer(method, train_cfg, str(out), dataset=dataset, evaluator=evaluator, run_config=run_config)
     summary = trainer.run_training()
     if trainer.rank == 0:
-        print(f"run folder: {out}   student: {out / 'model'}   "
+        print(f"run folder: {out}   model: {out / 'model'}   "
               f"({summary['kimg']:.1f} kimg, {summary['train_seconds']:.0f}s)", file=sys.stderr)
         if summary.get("final_metrics"):
             print(json.dumps(summary["final_metrics"], indent=2))

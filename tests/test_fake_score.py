@@ -59,3 +59,22 @@ def test_generator_update_changes_only_the_generator():
     assert all(torch.equal(v, teacher0[k]) for k, v in m.teacher.state_dict().items())
     assert any(not torch.equal(v, g0[k]) for k, v in m.G.state_dict().items())
     assert all(p.requires_grad for p in m.fake.parameters())  # restored for its own phase
+
+
+def test_lr_decay_is_constant_then_inverse_sqrt_for_both_networks():
+    import pytest
+
+    from fewstep.errors import FewstepError
+
+    m = SiD.create(SiDConfig(lr_g=1e-4, lr_fake=3e-4, lr_decay_kimg=50.0), teacher=_teacher())
+    m.optimizers = m.build_optimizers()
+    for nimg, factor in ((0, 1.0), (25_000, 1.0), (50_000, 1.0), (200_000, 0.5), (450_000, 1 / 3)):
+        m.begin_iteration(nimg, 10**6)
+        assert m.optimizers["generator"].param_groups[0]["lr"] == pytest.approx(1e-4 * factor)
+        assert m.optimizers["fake"].param_groups[0]["lr"] == pytest.approx(3e-4 * factor)
+    const = SiD.create(SiDConfig(lr_g=1e-4), teacher=_teacher())  # 0 = the reference's constant rate
+    const.optimizers = const.build_optimizers()
+    const.begin_iteration(10**7, 10**8)
+    assert const.optimizers["generator"].param_groups[0]["lr"] == 1e-4
+    with pytest.raises(FewstepError, match="lr_decay_kimg"):
+        SiDConfig(lr_decay_kimg=-1.0).validate()

@@ -8,8 +8,6 @@ import torch
 
 from fewstep.cli import main as cli_main
 from fewstep.data import load_dataset
-from fewstep.diffusion.denoiser import EDMPrecond
-from fewstep.diffusion.mixture import GaussianMixture
 from fewstep.diffusion.samplers import heun, make_sigmas
 from fewstep.errors import FewstepError
 from fewstep.methods import kd as kd_mod
@@ -17,31 +15,10 @@ from fewstep.methods.kd import KDConfig, KnowledgeDistillation, generate_pairs, 
 from fewstep.methods.progressive import progressive_target
 from fewstep.methods.step_distill import ddim_step, sampling_recipe, step_sigmas
 from fewstep.methods.tract import TRACT, TRACTConfig, tract_indices, tract_loss, tract_target
-from fewstep.model import FewstepModel, load_model, one_step_generate, save_model
-from fewstep.nets.build import build_net
-from fewstep.training.loop import TrainConfig, Trainer
+from fewstep.model import load_model, one_step_generate, save_model
+from fewstep.training.loop import Trainer
 
-NET = {"name": "mlp", "dim": 2, "width": 32, "depth": 2, "emb_channels": 16}
-
-
-def init_model(teacher: FewstepModel, net=NET, seed=0) -> FewstepModel:
-    cfg = {"format": "fewstep.model", "version": 1, "type": "denoiser", "net": net,
-           "precond": {"name": "edm", "sigma_data": 0.5}, "data": teacher.config["data"],
-           "sampling": {"sampler": "heun", "steps": 18, "schedule": "karras"}}
-    return FewstepModel(EDMPrecond(build_net(net, seed=seed)), cfg)
-
-
-def _cfg(**kw):
-    base = dict(total_kimg=2.0, batch_size=100, progress=False, snapshot_every_kimg=100,
-                checkpoint_every_kimg=0.5, log_every_kimg=0.5, snapshot_samples=8,
-                ema_halflife_kimg=0.0, grad_clip=1.0)  # the methods' train_defaults
-    base.update(kw)
-    return TrainConfig(**base)
-
-
-def _mix(shift=0.0):
-    means = torch.tensor([[-0.6, 0.1], [0.5, -0.2], [0.0, 0.7]], dtype=torch.float64) + shift
-    return GaussianMixture([0.3, 0.5, 0.2], means, torch.tensor([0.04, 0.02, 0.05]))
+from step_helpers import NET, init_model, three_mode_mixture as _mix, train_config as _cfg  # noqa: F401
 
 
 # ---------------------------------------------------------------------------------------------

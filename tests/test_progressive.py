@@ -11,40 +11,18 @@ from fewstep.cli import main as cli_main
 from fewstep.data import load_dataset
 from fewstep.diffusion.conversions import VPDenoiser, cosine_alpha_sigma, cosine_t
 from fewstep.diffusion.denoiser import EDMPrecond
-from fewstep.diffusion.mixture import GaussianMixture
 from fewstep.diffusion.samplers import ddim, make_sigmas
 from fewstep.errors import FewstepError
 from fewstep.methods.progressive import (Progressive, ProgressiveConfig, halving_schedule, progressive_loss,
                                          progressive_target)
 from fewstep.methods.step_distill import (ddim_step, ddim_step_z, distill_target, distill_target_z, loss_weight,
                                           sampling_recipe, step_distill_loss, step_sigmas, x0_to_v_sigma)
-from fewstep.model import FewstepModel, load_model, save_model
+from fewstep.model import load_model, save_model
 from fewstep.nets.build import build_net
 from fewstep.nets.two_head import two_head_from
-from fewstep.training.loop import TrainConfig, Trainer
+from fewstep.training.loop import Trainer
 
-NET = {"name": "mlp", "dim": 2, "width": 32, "depth": 2, "emb_channels": 16}
-
-
-def _mix():
-    means = torch.tensor([[-0.6, 0.1], [0.5, -0.2], [0.0, 0.7]], dtype=torch.float64)
-    return GaussianMixture([0.3, 0.5, 0.2], means, torch.tensor([0.04, 0.02, 0.05]))
-
-
-def init_model(teacher: FewstepModel, net=NET, seed=0) -> FewstepModel:
-    """An untrained fewstep denoiser for the mixture's data (what --init gives an exact teacher)."""
-    cfg = {"format": "fewstep.model", "version": 1, "type": "denoiser", "net": net,
-           "precond": {"name": "edm", "sigma_data": 0.5}, "data": teacher.config["data"],
-           "sampling": {"sampler": "heun", "steps": 18, "schedule": "karras"}}
-    return FewstepModel(EDMPrecond(build_net(net, seed=seed)), cfg)
-
-
-def _cfg(**kw):
-    base = dict(total_kimg=2.0, batch_size=100, progress=False, snapshot_every_kimg=100,
-                checkpoint_every_kimg=0.5, log_every_kimg=0.5, snapshot_samples=8,
-                ema_halflife_kimg=0.0, grad_clip=1.0)  # the methods' train_defaults
-    base.update(kw)
-    return TrainConfig(**base)
+from step_helpers import NET, init_model, three_mode_mixture as _mix, train_config as _cfg  # noqa: F401
 
 
 # ---------------------------------------------------------------------------------------------

@@ -57,9 +57,9 @@ SPECS: dict[str, DatasetSpec] = {
 #: name → one-line description (for CLI help).
 DATASETS: dict[str, str] = {k: v.description for k, v in SPECS.items()}
 
-_USER_HELP = (f"a .npy file (points [N, D] or images N,H,W / NCHW / NHWC), a .npz file (key 'x', "
-              f"'images' or 'points', optional 'labels' or 'y'), a folder of image files, or "
-              f"'mixture:<preset>' for any Gaussian-mixture preset")
+_USER_HELP = ("a .npy file (points [N, D] or images N,H,W / NCHW / NHWC), a .npz file (key 'x', "
+              "'images' or 'points', optional 'labels' or 'y'), a folder of image files, or "
+              "'mixture:<preset>' for any Gaussian-mixture preset")
 
 
 def dataset_help() -> str:

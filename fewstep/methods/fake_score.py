@@ -38,6 +38,7 @@ class FakeScoreConfig:
     guidance_fake_train: float = field(default=1.0, metadata={"help": "CFG scale κ of the fake network while it trains (SiD-LSG)"})
     guidance_fake: float = field(default=1.0, metadata={"help": "CFG scale κ of the fake network inside the generator loss"})
     guidance_teacher: float = field(default=1.0, metadata={"help": "CFG scale κ of the teacher inside the generator loss"})
+    lr_decay_kimg: float = field(default=0.0, metadata={"help": "inverse-sqrt decay of both learning rates after this many kimg: lr·(kimg/this)^-½ (EDM2); 0 = constant (the reference)"})
 
     def validate(self) -> None:
         require(self.sigma_init > 0, f"sigma_init must be > 0, got {self.sigma_init}")
@@ -46,6 +47,7 @@ class FakeScoreConfig:
         require(0 <= self.t_min * 1000 <= self.t_max <= 1000,
                 f"need 0 <= t_min·1000 <= t_max <= 1000, got t_min={self.t_min}, t_max={self.t_max}")
         require(self.loss_scale > 0, "loss_scale must be > 0")
+        require(self.lr_decay_kimg >= 0, f"lr_decay_kimg must be >= 0 (0 = constant), got {self.lr_decay_kimg}")
 
 
 def generator_sigma(n: int, t_min: float = 0.0, t_max: float = 800.0, *, device=None) -> torch.Tensor:
@@ -126,6 +128,17 @@ class FakeScoreMethod(Method):
         c = self.config
         return {"fake": torch.optim.Adam(self.fake.parameters(), lr=c.lr_fake, betas=tuple(c.betas)),
                 "generator": torch.optim.Adam(self.G.parameters(), lr=c.lr_g, betas=tuple(c.betas))}
+
+    def lr_factor(self, nimg: int) -> float:
+        """1 until ``lr_decay_kimg``, then (kimg / lr_decay_kimg)^-½ (EDM2's inverse-square-root decay)."""
+        ref = self.config.lr_decay_kimg * 1000
+        return 1.0 if ref <= 0 else min(1.0, (ref / max(nimg, 1)) ** 0.5)
+
+    def begin_iteration(self, nimg: int, total_nimg: int) -> None:
+        f = self.lr_factor(nimg)
+        for name, lr in (("fake", self.config.lr_fake), ("generator", self.config.lr_g)):
+            for g in self.optimizers[name].param_groups:
+                g["lr"] = lr * f
 
     def fake_loss(self, batch):
         """Step 1: EDM loss of f_ψ on fresh generated samples (no gradient into G)."""

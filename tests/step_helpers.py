@@ -1,0 +1,32 @@
+"""Shared pieces of the step-distillation tests (progressive, TRACT, KD): a small 2-D denoiser
+for exact mixture teachers, the methods' training defaults, and a three-mode test mixture."""
+import torch
+
+from fewstep.diffusion.denoiser import EDMPrecond
+from fewstep.diffusion.mixture import GaussianMixture
+from fewstep.model import FewstepModel
+from fewstep.nets.build import build_net
+from fewstep.training.loop import TrainConfig
+
+NET = {"name": "mlp", "dim": 2, "width": 32, "depth": 2, "emb_channels": 16}
+
+
+def three_mode_mixture(shift: float = 0.0) -> GaussianMixture:
+    means = torch.tensor([[-0.6, 0.1], [0.5, -0.2], [0.0, 0.7]], dtype=torch.float64) + shift
+    return GaussianMixture([0.3, 0.5, 0.2], means, torch.tensor([0.04, 0.02, 0.05]))
+
+
+def init_model(teacher: FewstepModel, net=NET, seed=0) -> FewstepModel:
+    """An untrained fewstep denoiser for the mixture's data (what --init gives an exact teacher)."""
+    cfg = {"format": "fewstep.model", "version": 1, "type": "denoiser", "net": net,
+           "precond": {"name": "edm", "sigma_data": 0.5}, "data": teacher.config["data"],
+           "sampling": {"sampler": "heun", "steps": 18, "schedule": "karras"}}
+    return FewstepModel(EDMPrecond(build_net(net, seed=seed)), cfg)
+
+
+def train_config(**kw) -> TrainConfig:
+    base = dict(total_kimg=2.0, batch_size=100, progress=False, snapshot_every_kimg=100,
+                checkpoint_every_kimg=0.5, log_every_kimg=0.5, snapshot_samples=8,
+                ema_halflife_kimg=0.0, grad_clip=1.0)  # the methods' train_defaults
+    base.update(kw)
+    return TrainConfig(**base)
