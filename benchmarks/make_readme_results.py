@@ -127,6 +127,24 @@ def sid_section(d: dict) -> list[str]:
                     f"{p} Δ = {_fmt(r['loglik_gap_nats'])} nats ({'within' if r.get('within_5pct') else 'not within'}"
                     f" 5%, {'all' if r.get('all_modes_covered') else 'NOT all'} modes)"
                     + (f", curve `{r['curve_plot']}`" if r.get("curve_plot") else "") for p, r in gaps) + ".", ""]
+    for p, r in gaps:
+        if not r.get("within_5pct"):
+            out += _diagnosis_lines(p, r)
+    images = [(k, d[k]) for k in ("digits", "mnist5k") if isinstance(d.get(k), dict) and "fd_key" in d[k]]
+    if images:
+        def line(name, r):
+            key, t, s = r["fd_key"], r["teacher_heun35"], r["student_sid_1nfe"]
+            t0 = r.get("teacher_heun35_at_curve_seed") or {}
+            floor = t.get(key.replace("fd_", "fd_floor_"))
+            return (f"{name}: student {_fmt(s[key])} vs teacher {_fmt(t[key])} "
+                    f"({'met' if r.get('student_fd_at_or_below_teacher') else 'not met'}; n = {r['n_samples']}, "
+                    f"noise seed 1, real-data floor {_fmt(floor)} at n = {t.get('n_floor')}) after "
+                    f"{_fmt(r['distill']['train_seconds'] / 60)} min of distillation "
+                    f"({r['distill']['kimg']:.0f} kimg); curve at seed 0 `{r.get('curve_plot')}`, teacher there "
+                    f"{_fmt(t0.get(key))}; the student samples {_fmt(r['throughput_ratio_student_over_teacher'])}× as "
+                    "fast as the teacher at 35 NFE")
+        out += ["Images, one-step student FD vs the teacher's at 35 NFE (Heun), same n and noise seed "
+                "(criterion: at or below the teacher's): " + "; ".join(line(k, r) for k, r in images) + ".", ""]
     cost = d.get("cost")
     if isinstance(cost, dict) and cost:
         out += ["SiD iteration time as a multiple of one teacher-training step at the same batch "
@@ -137,6 +155,47 @@ def sid_section(d: dict) -> list[str]:
     if cmds:
         out += ["Benchmark scripts: " + ", ".join(_code(c) for c in cmds.values()) + ".", ""]
     return out
+
+
+def _diagnosis_lines(preset: str, sid_result: dict) -> list[str]:
+    """One paragraph from benchmarks/results/sid_<preset>_diagnosis.json, if it exists."""
+    d = _load(ROOT / "benchmarks" / "results" / f"sid_{preset}_diagnosis.json")
+    if not isinstance(d, dict) or "gradients_at_student" not in d:
+        return []
+    bands = [b for b in d["gradients_at_student"]["sid"] if isinstance(b["sigma_band"], list)]
+
+    def cosines(which):
+        return ", ".join(f"σ∈[{b['sigma_band'][0]}, {b['sigma_band'][1]}]: {_fmt(b[which]['cosine_to_reverse_kl'])}"
+                         for b in bands)
+
+    probe = d.get("reverse_kl_probe", {})
+    curve = probe.get("curve") or []
+    moved = (f" The same generator trained by the exact reverse KL instead (no fake score) moves "
+             f"{_fmt(d['student']['log_likelihood'])} → {_fmt(curve[-1]['log_likelihood'])} nats in "
+             f"{_fmt(probe.get('minutes'))} min" if curve else "")
+    sid_curve = sid_result.get("curve") or []
+    if curve and sid_curve:
+        end_s = sid_curve[-1]["train_seconds"]
+        start = next(c for c in sid_curve if c["train_seconds"] >= end_s - 60 * probe["minutes"])
+        moved += (f"; SiD's own curve moved {_fmt(start['log_likelihood'])} → "
+                  f"{_fmt(sid_curve[-1]['log_likelihood'])} in its last {_fmt(probe['minutes'])} min")
+    if curve:
+        moved += "."
+    st, true = d["student"], d.get("true_samples", {})
+    return [f"Why {preset} is not within 5% ({_code(d.get('command', ''))}, "
+            f"`benchmarks/results/sid_{preset}_diagnosis.json`): the student's modes are "
+            f"{_fmt(d['student_component_std_median'] / d['teacher_component_std'])}× as wide as the teacher's "
+            f"(median std of a mixture fitted to it), and {_fmt(100 * st['frac_beyond_0.1'])}% of its samples lie "
+            f"farther than 0.1 from every mode centre (true samples: {_fmt(100 * true.get('frac_beyond_0.1', float('nan')))}%). "
+            f"Cosine between the mean SiD generator gradient (200 batches) and the exact reverse-KL gradient, "
+            f"with the learned fake score — {cosines('learned_fake')} — and with an oracle fake score "
+            f"(the exact denoiser of a mixture fitted to the student) — {cosines('oracle_fake')}. "
+            f"The learned fake score's RMS error against that denoiser, next to the student-vs-teacher signal: "
+            + ", ".join(f"σ={r['sigma']}: {_fmt(r['fake_error_rms'])} vs {_fmt(r['signal_rms'])}"
+                        for r in d["fake_score_vs_fitted_student_denoiser"])
+            + ". Per-batch signal-to-noise ratio of the SiD gradient with the learned fake: "
+            + ", ".join(f"σ∈[{b['sigma_band'][0]}, {b['sigma_band'][1]}]: {_fmt(b['learned_fake']['per_batch_snr'])}"
+                        for b in bands) + "." + moved, ""]
 
 
 def progressive_section(name: str, d: dict) -> list[str]:

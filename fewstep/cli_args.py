@@ -35,7 +35,7 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, title: str,
         origin = typing.get_origin(tp)
         helptext = f.metadata.get("help", "")
         default = defaults[f.name]
-        shown = json.dumps(default) if not isinstance(default, str) else default
+        shown = "unset" if default is None else json.dumps(default) if not isinstance(default, str) else default
         helptext = f"{helptext} (default: {shown})".replace("%", "%%")
         if tp is bool:
             group.add_argument(_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction,

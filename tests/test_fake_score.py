@@ -78,3 +78,31 @@ def test_lr_decay_is_constant_then_inverse_sqrt_for_both_networks():
     assert const.optimizers["generator"].param_groups[0]["lr"] == 1e-4
     with pytest.raises(FewstepError, match="lr_decay_kimg"):
         SiDConfig(lr_decay_kimg=-1.0).validate()
+
+
+def test_dropout_option_overrides_generator_and_fake_but_not_the_teacher():
+    import pytest
+
+    from fewstep.errors import FewstepError
+
+    torch.manual_seed(0)
+    net = {**NET, "dropout": 0.3}
+    cfg = {"type": "denoiser", "net": net, "precond": {"name": "edm", "sigma_data": 0.5},
+           "data": {"kind": "points", "sample_shape": [2], "num_classes": 0, "name": "8gaussians"}}
+    teacher = FewstepModel(EDMPrecond(build_net(net)), cfg)
+    with torch.no_grad():  # away from the zero-initialised output layer, so dropout shows in the output
+        for p in teacher.denoiser.parameters():
+            p.normal_(0, 0.5)
+
+    def rates(module):
+        return {m.p for m in module.modules() if isinstance(m, torch.nn.Dropout)}
+
+    kept = SiD.create(SiDConfig(), teacher=teacher)  # unset: the teacher's rate (the reference)
+    assert rates(kept.G) == rates(kept.fake) == {0.3}
+    off = SiD.create(SiDConfig(dropout=0.0), teacher=teacher)
+    assert rates(off.G) == rates(off.fake) == {0.0} and rates(teacher.denoiser) == {0.3}
+    x, s = torch.randn(64, 2), torch.full((64,), 2.5)
+    assert off.G.training and torch.equal(off.G(x, s), off.G(x, s))  # no dropout noise in train mode
+    assert not torch.equal(kept.G(x, s), kept.G(x, s))
+    with pytest.raises(FewstepError, match="dropout"):
+        SiDConfig(dropout=1.0).validate()

@@ -39,6 +39,7 @@ class FakeScoreConfig:
     guidance_fake: float = field(default=1.0, metadata={"help": "CFG scale κ of the fake network inside the generator loss"})
     guidance_teacher: float = field(default=1.0, metadata={"help": "CFG scale κ of the teacher inside the generator loss"})
     lr_decay_kimg: float = field(default=0.0, metadata={"help": "inverse-sqrt decay of both learning rates after this many kimg: lr·(kimg/this)^-½ (EDM2); 0 = constant (the reference)"})
+    dropout: float | None = field(default=None, metadata={"help": "dropout rate of the generator and the fake score while they train; unset keeps the rate the teacher was trained with (the reference)"})
 
     def validate(self) -> None:
         require(self.sigma_init > 0, f"sigma_init must be > 0, got {self.sigma_init}")
@@ -48,6 +49,8 @@ class FakeScoreConfig:
                 f"need 0 <= t_min·1000 <= t_max <= 1000, got t_min={self.t_min}, t_max={self.t_max}")
         require(self.loss_scale > 0, "loss_scale must be > 0")
         require(self.lr_decay_kimg >= 0, f"lr_decay_kimg must be >= 0 (0 = constant), got {self.lr_decay_kimg}")
+        require(self.dropout is None or 0 <= self.dropout < 1,
+                f"dropout must be in [0, 1) (or unset to keep the teacher's), got {self.dropout}")
 
 
 def generator_sigma(n: int, t_min: float = 0.0, t_max: float = 800.0, *, device=None) -> torch.Tensor:
@@ -85,6 +88,13 @@ def finite_rows(*tensors: torch.Tensor) -> torch.Tensor:
     return mask
 
 
+def set_dropout(net: nn.Module, p: float) -> None:
+    """Set the rate of every dropout layer of ``net`` to ``p`` (weights untouched)."""
+    for m in net.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = p
+
+
 class FakeScoreMethod(Method):
     """Base of the fake-score family; subclasses implement :meth:`generator_loss`."""
 
@@ -108,6 +118,9 @@ class FakeScoreMethod(Method):
         """Generator and fake score both start from the teacher's weights (or from ``init``)."""
         G = initial_network(cls.name, teacher, init).train().requires_grad_(True)
         fake = initial_network(cls.name, teacher, init).train().requires_grad_(True)
+        if config.dropout is not None:
+            set_dropout(G, config.dropout)
+            set_dropout(fake, config.dropout)
         src = init or teacher
         info = DataInfo(**{**teacher.data_info.__dict__})
         info.num_classes = min(teacher.data_info.num_classes, src.data_info.num_classes)
