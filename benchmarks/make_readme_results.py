@@ -157,6 +157,25 @@ def sid_section(d: dict) -> list[str]:
     return out
 
 
+def _from_init_line(preset: str, sid_result: dict) -> str:
+    """A sentence from benchmarks/results/sid_<preset>_reverse_kl_from_init.json, if it exists."""
+    d = _load(ROOT / "benchmarks" / "results" / f"sid_{preset}_reverse_kl_from_init.json")
+    teacher = (sid_result.get("teacher_exact_heun35") or {}).get("log_likelihood")
+    if not isinstance(d, dict) or not d.get("curve") or teacher is None:
+        return ""
+    curve = d["curve"]
+    first = next((c for c in curve if c["log_likelihood"] >= teacher), None)
+    late = [c["log_likelihood"] for c in curve[len(curve) // 2:]]
+    reach = (f"reaches the teacher's {_fmt(teacher)} at iteration {first['iteration']} ({_fmt(first['seconds'])} s)"
+             if first else f"does not reach the teacher's {_fmt(teacher)}")
+    sid_iters = (sid_result.get("distill") or {}).get("iterations")
+    return (f" From SiD's own starting point ({d['init']}) and with its generator optimiser (Adam, lr "
+            f"{d['lr']:g}, β = ({_fmt(d['betas'][0])}, {_fmt(d['betas'][1])}), batch {d['batch']}), the exact "
+            f"reverse KL {reach} and ranges over [{_fmt(min(late))}, {_fmt(max(late))}] in the second half of its "
+            f"{d['iterations']} iterations ({_code(d['command'])}, raw weights, n = {d['n_eval']})"
+            + (f"; SiD ran {sid_iters} iterations." if sid_iters else "."))
+
+
 def _diagnosis_lines(preset: str, sid_result: dict) -> list[str]:
     """One paragraph from benchmarks/results/sid_<preset>_diagnosis.json, if it exists."""
     d = _load(ROOT / "benchmarks" / "results" / f"sid_{preset}_diagnosis.json")
@@ -181,6 +200,7 @@ def _diagnosis_lines(preset: str, sid_result: dict) -> list[str]:
                   f"{_fmt(sid_curve[-1]['log_likelihood'])} in its last {_fmt(probe['minutes'])} min")
     if curve:
         moved += "."
+    moved += _from_init_line(preset, sid_result)
     st, true = d["student"], d.get("true_samples", {})
     return [f"Why {preset} is not within 5% ({_code(d.get('command', ''))}, "
             f"`benchmarks/results/sid_{preset}_diagnosis.json`): the student's modes are "

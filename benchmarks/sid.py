@@ -57,10 +57,11 @@ def _distill(method: str, teacher: str, out: Path, minutes: float, *extra: str, 
 
 # ---- exact mixture teachers ------------------------------------------------------------------------
 MIXTURES = {"ring8": "8gaussians", "grid25": "25gaussians"}  # exact teacher preset: its shipped MLP initialisation
-# per-preset options on top of the shared ones. grid25's tight modes stall SiD with the fake score at the
-# generator's lr and α = 1.2 (benchmarks/sid_mixture_diagnosis.py: the lagging fake score biases the
-# gradient where σ ≥ 0.1); a 10× faster fake score with α = 1.0 went furthest in 10-minute trials.
+# per-preset options on top of the shared ones. grid25's tight modes stall SiD (benchmarks/sid_mixture_diagnosis.py:
+# the generator itself reaches the teacher in a few hundred exact reverse-KL steps, so the stall is in SiD's
+# gradient estimate); a 10× faster fake score with α = 1.0 went furthest in 10-minute trials.
 MIXTURE_OPTIONS = {"ring8": ("--lr-fake", "1e-4"), "grid25": ("--lr-fake", "1e-3", "--alpha", "1.0")}
+MIXTURE_BATCH, MIXTURE_LR_G = 256, 1e-4  # shared by both presets (and sid_mixture_diagnosis.py --from-init)
 
 
 def bench_mixture(minutes: float, presets=tuple(MIXTURES)) -> dict:
@@ -70,7 +71,7 @@ def bench_mixture(minutes: float, presets=tuple(MIXTURES)) -> dict:
         run = RUNS / f"sid-mixture-{preset}"
         shutil.rmtree(run, ignore_errors=True)
         info = _distill("sid", f"mixture:{preset}", run, minutes, "--init", str(SHIPPED / data),
-                        "--batch-size", "256", "--lr-g", "1e-4", *MIXTURE_OPTIONS[preset],
+                        "--batch-size", str(MIXTURE_BATCH), "--lr-g", f"{MIXTURE_LR_G:g}", *MIXTURE_OPTIONS[preset],
                         "--ema-halflife-kimg", "20", "--lr-decay-kimg", "500", "--snapshot-every-kimg", "200", "--checkpoint-every-kimg", "200",
                         eval_n=5000, eval_every=100.0)
         n = 20000

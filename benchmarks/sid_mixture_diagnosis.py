@@ -22,6 +22,14 @@ state with the fake score) and measures, on n samples of the student:
    same CPU-minutes says whether the generator, not the fake score, is the bottleneck.
 
 Writes benchmarks/results/sid_<preset>_diagnosis.json.
+
+    python benchmarks/sid_mixture_diagnosis.py --preset grid25 --from-init 2000
+
+instead runs only the reverse-KL probe, from SiD's own starting point (the shipped MLP teacher
+that benchmarks/sid.py passes as --init) with SiD's generator optimiser (Adam, lr 1e-4,
+β = (0, 0.999), batch 256) for that many iterations, and writes
+benchmarks/results/sid_<preset>_reverse_kl_from_init.json. It needs no SiD run: it asks whether
+the generator, from where SiD starts, can reach the teacher at all when its gradient is exact.
 """
 from __future__ import annotations
 
@@ -34,7 +42,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RUNS, environment, threads, write_json  # noqa: E402
+from common import ROOT, RUNS, environment, threads, write_json  # noqa: E402
 
 
 def mode_stats(x, mix) -> dict:
@@ -142,15 +150,17 @@ def gradient_comparison(G, fake, fitted, mix, sigma_init, batches=200, batch=256
     return out
 
 
-def reverse_kl_probe(G, mix, sigma_init, minutes, lr, batch=256, eval_every=500, n_eval=20000) -> list:
+def reverse_kl_probe(G, mix, sigma_init, minutes, lr, batch=256, eval_every=500, n_eval=20000,
+                     betas=(0.9, 0.999), iterations=None) -> list:
+    """Train a copy of ``G`` by the exact reverse KL for ``minutes`` (or ``iterations``)."""
     import torch
 
     from fewstep.model import one_step_generate
 
     G = copy.deepcopy(G).train()
-    opt = torch.optim.Adam(G.parameters(), lr=lr)
+    opt = torch.optim.Adam(G.parameters(), lr=lr, betas=betas)
     curve, t0, it = [], time.time(), 0
-    while time.time() - t0 < minutes * 60:
+    while (it < iterations) if iterations is not None else (time.time() - t0 < minutes * 60):
         loss = reverse_kl_loss(G, mix, sigma_init, batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -171,6 +181,8 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=5.0, help="wall-clock of the reverse-KL probe")
     ap.add_argument("--lr", type=float, default=2e-5, help="Adam lr of the probe (β = 0.9, 0.999)")
     ap.add_argument("--n", type=int, default=20000)
+    ap.add_argument("--from-init", type=int, default=0, metavar="ITERATIONS",
+                    help="only the reverse-KL probe, from SiD's initialisation, for this many iterations")
     args = ap.parse_args()
     import torch
     from safetensors.torch import load_file
@@ -180,6 +192,24 @@ def main() -> None:
 
     torch.set_num_threads(threads())
     torch.manual_seed(0)
+    if args.from_init:
+        from sid import MIXTURE_BATCH, MIXTURE_LR_G, MIXTURES
+
+        from fewstep.methods.fake_score import FakeScoreConfig
+
+        sid_defaults, init = FakeScoreConfig(), f"fewstep/assets/teachers/{MIXTURES[args.preset]}"
+        G, mix, t0 = load_model(ROOT / init).denoiser, preset(args.preset), time.time()
+        res = {"preset": args.preset, "init": init, "sigma_init": sid_defaults.sigma_init, "optimizer": "Adam",
+               "lr": MIXTURE_LR_G, "betas": list(sid_defaults.betas), "batch": MIXTURE_BATCH,
+               "iterations": args.from_init, "n_eval": 20000,
+               "curve": reverse_kl_probe(G, mix, sid_defaults.sigma_init, None, MIXTURE_LR_G, batch=MIXTURE_BATCH,
+                                         betas=sid_defaults.betas, iterations=args.from_init,
+                                         eval_every=max(args.from_init // 10, 1))}
+        res["wall_seconds"] = round(time.time() - t0, 1)
+        res["command"] = f"python benchmarks/sid_mixture_diagnosis.py --preset {args.preset} --from-init {args.from_init}"
+        res["environment"] = environment()
+        write_json(f"sid_{args.preset}_reverse_kl_from_init.json", res)
+        return
     run = RUNS / f"sid-mixture-{args.preset}"
     states = sorted((run / "checkpoints").glob("state-*"))
     if not (run / "model").is_dir() or not states:

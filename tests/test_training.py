@@ -167,13 +167,23 @@ def test_bad_config_values_are_clear_errors():
         from_dict(TrainConfig, {"batchsize": 3})
 
 
-def test_two_process_data_parallel_keeps_replicas_identical(tmp_path):
+def _ddp_run(tmp_path, *args, port=29517, timeout=300):
     script = Path(__file__).parent / "helpers" / "ddp_run.py"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                          "--master_port", "29517", str(script), str(tmp_path)], env=env,
-                         capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                             "--master_port", str(port), str(script), str(tmp_path), *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the workers too, not only the launcher
+        proc.communicate()
+        raise AssertionError(f"the 2-process run did not finish within {timeout} s (ranks deadlocked?)")
+    assert proc.returncode == 0, err[-3000:]
+
+
+def test_two_process_data_parallel_keeps_replicas_identical(tmp_path):
+    _ddp_run(tmp_path)
     w0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     w1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
     assert w0.keys() == w1.keys()
@@ -183,3 +193,13 @@ def test_two_process_data_parallel_keeps_replicas_identical(tmp_path):
     assert any(not torch.equal(init[k], w1[f"net.{k}"]) for k in init)  # it did train
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["processes"] == 2 and summary["nimg"] == 2 * 64 * summary["iterations"]
+
+
+def test_two_process_time_budget_stops_every_rank_at_the_same_iteration(tmp_path):
+    # rank 1's clock runs 3x fast: deciding on each rank's own clock deadlocks (timeout here)
+    _ddp_run(tmp_path, "budget", port=29518, timeout=120)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["stop_reason"] == "time budget" and summary["train_seconds"] >= 3.0
+    w0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    w1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    assert all(torch.equal(w0[k], w1[k]) for k in w0)

@@ -342,7 +342,7 @@ class Trainer:
             if max_iterations is not None and iters_this_run >= max_iterations:
                 stop_reason = "max_iterations"
                 break
-            if cfg.max_minutes is not None and self.elapsed >= cfg.max_minutes * 60:
+            if cfg.max_minutes is not None and dist.rank0_decides(self.elapsed >= cfg.max_minutes * 60):
                 stop_reason = "time budget"
                 break
             t_it = time.perf_counter()

@@ -1,4 +1,9 @@
-"""Run by torchrun in tests/test_training.py: 2 processes train one teacher with gloo."""
+"""Run by torchrun in tests/test_training.py: 2 processes train one teacher with gloo.
+
+``ddp_run.py OUT budget``: train to a wall-clock budget instead, with rank 1's clock running
+three times as fast as rank 0's (as rank 1's does when rank 0 pauses for snapshots and
+evaluations): the ranks must still stop at the same iteration, not wait for each other forever.
+"""
 import sys
 from pathlib import Path
 
@@ -14,8 +19,17 @@ rank = int(__import__("os").environ["RANK"])
 torch.manual_seed(100 + rank)  # deliberately different initial weights per rank: the loop must broadcast
 net = {"name": "mlp", "dim": 2, "width": 32, "depth": 2, "emb_channels": 16}
 m = EDMTeacher(TeacherConfig(net=net), DataInfo(kind="points", sample_shape=(2,), name="8gaussians"))
-cfg = TrainConfig(total_kimg=2.56, batch_size=64, ema_halflife_kimg=0.5, progress=False,
-                  snapshot_every_kimg=100, checkpoint_every_kimg=100)
+budget = len(sys.argv) > 2 and sys.argv[2] == "budget"
+cfg = TrainConfig(total_kimg=1000.0 if budget else 2.56, batch_size=64, ema_halflife_kimg=0.5, progress=False,
+                  snapshot_every_kimg=100, checkpoint_every_kimg=100, max_minutes=0.05 if budget else None)
+if budget and rank == 1:
+    import time
+    import types
+
+    import fewstep.training.loop as loop
+
+    t0 = time.perf_counter()
+    loop.time = types.SimpleNamespace(perf_counter=lambda: t0 + 3 * (time.perf_counter() - t0))
 ds = load_dataset("8gaussians", split="train", n=2000)
 trainer = Trainer(m, cfg, str(out / "run"), dataset=ds)
 torch.save({k: v.clone() for k, v in m.denoiser.state_dict().items()}, out / f"init{rank}.pt")
