@@ -195,6 +195,17 @@ def test_two_process_data_parallel_keeps_replicas_identical(tmp_path):
     assert summary["processes"] == 2 and summary["nimg"] == 2 * 64 * summary["iterations"]
 
 
+def test_two_process_nonfinite_loss_on_one_rank_is_skipped_by_every_rank(tmp_path):
+    # one rank skipping alone would leave the other in the gradient all-reduce (timeout here)
+    _ddp_run(tmp_path, "nan", port=29519, timeout=120)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["nonfinite_losses"] == 1 and summary["nimg"] == 2 * 64 * summary["iterations"]
+    assert "non-finite denoiser loss on another rank; step skipped" in (tmp_path / "run" / "log.txt").read_text()
+    w0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    w1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    assert all(torch.equal(w0[k], w1[k]) for k in w0)
+
+
 def test_two_process_time_budget_stops_every_rank_at_the_same_iteration(tmp_path):
     # rank 1's clock runs 3x fast: deciding on each rank's own clock deadlocks (timeout here)
     _ddp_run(tmp_path, "budget", port=29518, timeout=120)

@@ -82,6 +82,16 @@ def rank0_decides(flag: bool) -> bool:
     return bool(t.item())
 
 
+def any_rank(flag: bool) -> bool:
+    """True on every rank when ``flag`` is true on any (e.g. a non-finite loss: every rank must
+    skip the step, or the one that skips leaves the others waiting in the gradient all-reduce)."""
+    if not is_distributed():
+        return flag
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
 def barrier() -> None:
     if is_distributed():
         dist.barrier()

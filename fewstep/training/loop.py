@@ -215,10 +215,11 @@ class Trainer:
         for _ in range(phase.repeats):
             opt.zero_grad(set_to_none=True)
             loss, pstats = phase.loss(batch)
-            if not torch.isfinite(loss):
+            if dist.any_rank(not torch.isfinite(loss)):  # every rank skips together
                 self.nonfinite_total += 1
                 self._nonfinite_streak += 1
-                self.run.log(f"iteration {self.iteration}: non-finite {phase.name} loss ({loss.item()}); step skipped", echo=True)
+                where = f" ({loss.item()})" if not torch.isfinite(loss) else " on another rank"
+                self.run.log(f"iteration {self.iteration}: non-finite {phase.name} loss{where}; step skipped", echo=True)
                 if self._nonfinite_streak >= self.cfg.max_nonfinite:
                     raise FewstepError(
                         f"{self._nonfinite_streak} consecutive non-finite losses in phase {phase.name!r}; "

@@ -3,6 +3,7 @@
 ``ddp_run.py OUT budget``: train to a wall-clock budget instead, with rank 1's clock running
 three times as fast as rank 0's (as rank 1's does when rank 0 pauses for snapshots and
 evaluations): the ranks must still stop at the same iteration, not wait for each other forever.
+``ddp_run.py OUT nan``: rank 1's loss is NaN at its third step only: every rank must skip that step.
 """
 import sys
 from pathlib import Path
@@ -31,6 +32,15 @@ if budget and rank == 1:
     t0 = time.perf_counter()
     loop.time = types.SimpleNamespace(perf_counter=lambda: t0 + 3 * (time.perf_counter() - t0))
 ds = load_dataset("8gaussians", split="train", n=2000)
+if len(sys.argv) > 2 and sys.argv[2] == "nan" and rank == 1:
+    calls, loss_fn = [0], m.loss
+
+    def nan_once(batch):
+        calls[0] += 1
+        loss, stats = loss_fn(batch)
+        return (loss * float("nan") if calls[0] == 3 else loss), stats
+
+    m.loss = nan_once
 trainer = Trainer(m, cfg, str(out / "run"), dataset=ds)
 torch.save({k: v.clone() for k, v in m.denoiser.state_dict().items()}, out / f"init{rank}.pt")
 trainer.run_training()
