@@ -206,6 +206,16 @@ def test_two_process_nonfinite_loss_on_one_rank_is_skipped_by_every_rank(tmp_pat
     assert all(torch.equal(w0[k], w1[k]) for k in w0)
 
 
+def test_two_process_resume_is_bit_exact_on_every_rank(tmp_path):
+    # each rank's noise and data streams are checkpointed; restoring rank 0's on every rank would
+    # make the ranks draw the same batches after a resume (and differ from the straight run)
+    _ddp_run(tmp_path, "resume", port=29520, timeout=180)
+    for r in (0, 1):
+        straight = torch.load(tmp_path / f"rank{r}.pt", weights_only=True)
+        resumed = torch.load(tmp_path / f"resumed{r}.pt", weights_only=True)
+        assert all(torch.equal(straight[k], resumed[k]) for k in straight), r
+
+
 def test_two_process_time_budget_stops_every_rank_at_the_same_iteration(tmp_path):
     # rank 1's clock runs 3x fast: deciding on each rank's own clock deadlocks (timeout here)
     _ddp_run(tmp_path, "budget", port=29518, timeout=120)

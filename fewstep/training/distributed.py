@@ -92,6 +92,15 @@ def any_rank(flag: bool) -> bool:
     return bool(t.item())
 
 
+def gather_to_rank0(obj):
+    """``[obj of rank 0, obj of rank 1, ...]`` on rank 0 (None elsewhere); ``[obj]`` without torchrun."""
+    if not is_distributed():
+        return [obj]
+    out = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
 def barrier() -> None:
     if is_distributed():
         dist.barrier()

@@ -140,6 +140,8 @@ class Trainer:
         return f"state-{self.iteration:08d}"
 
     def save_state(self) -> None:
+        # every rank's RNG streams (noise and data order) go into rank 0's checkpoint
+        rngs = dist.gather_to_rank0((torch.get_rng_state(), self.data_gen.get_state()))
         if self.rank != 0:
             dist.barrier()
             return
@@ -156,8 +158,9 @@ class Trainer:
             t, om = _flatten_optimizer(opt, f"opt.{name}")
             tensors.update(t)
             meta["optimizers"][name] = om
-        tensors["rng.torch"] = torch.get_rng_state()
-        tensors["rng.data"] = self.data_gen.get_state()
+        tensors["rng.torch"], tensors["rng.data"] = rngs[0]
+        for r, (t_rng, d_rng) in enumerate(rngs[1:], start=1):
+            tensors[f"rng.torch.rank{r}"], tensors[f"rng.data.rank{r}"] = t_rng, d_rng
         et, em = m.extra_state()
         tensors.update({f"extra.{k}": v for k, v in et.items()})
         meta["extra"] = em
@@ -190,8 +193,13 @@ class Trainer:
         m.optimizers = m.build_optimizers()  # the method may have changed networks (stages)
         for name, opt in m.optimizers.items():
             _unflatten_optimizer(opt, f"opt.{name}", tensors, meta["optimizers"][name])
-        torch.set_rng_state(tensors["rng.torch"])
-        self.data_gen.set_state(tensors["rng.data"])
+        suffix = "" if self.rank == 0 else f".rank{self.rank}"
+        if f"rng.torch{suffix}" in tensors:
+            torch.set_rng_state(tensors[f"rng.torch{suffix}"])
+            self.data_gen.set_state(tensors[f"rng.data{suffix}"])
+        else:  # a rank the checkpoint did not have: fresh streams, distinct per rank and iteration
+            torch.manual_seed(self.cfg.seed * 7919 + self.rank + 1_000_003 * meta["iteration"])
+            self.data_gen.manual_seed(self.cfg.seed * 104729 + 17 + self.rank + 1_000_003 * meta["iteration"])
         self.iteration, self.nimg = meta["iteration"], meta["nimg"]
         self.elapsed, self.eval_seconds = meta["elapsed"], meta.get("eval_seconds", 0.0)
         self.nonfinite_total = meta.get("nonfinite_total", 0)
