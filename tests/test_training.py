@@ -167,19 +167,24 @@ def test_bad_config_values_are_clear_errors():
         from_dict(TrainConfig, {"batchsize": 3})
 
 
-def _ddp_run(tmp_path, *args, port=29517, timeout=300):
+def _ddp_run(tmp_path, *args, timeout=300):
     script = Path(__file__).parent / "helpers" / "ddp_run.py"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                             "--master_port", str(port), str(script), str(tmp_path), *args], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        _, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # the workers too, not only the launcher
-        proc.communicate()
-        raise AssertionError(f"the 2-process run did not finish within {timeout} s (ranks deadlocked?)")
-    assert proc.returncode == 0, err[-3000:]
+    log = tmp_path / "torchrun.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                                 str(script), str(tmp_path), *args], env=env,
+                                stdout=f, stderr=subprocess.STDOUT, text=True)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.terminate()  # torchrun passes SIGTERM on to its workers (each in its own session)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            raise AssertionError(f"the 2-process run did not finish within {timeout} s (ranks deadlocked?)")
+    assert proc.returncode == 0, log.read_text()[-3000:]
 
 
 def test_two_process_data_parallel_keeps_replicas_identical(tmp_path):
@@ -197,7 +202,7 @@ def test_two_process_data_parallel_keeps_replicas_identical(tmp_path):
 
 def test_two_process_nonfinite_loss_on_one_rank_is_skipped_by_every_rank(tmp_path):
     # one rank skipping alone would leave the other in the gradient all-reduce (timeout here)
-    _ddp_run(tmp_path, "nan", port=29519, timeout=120)
+    _ddp_run(tmp_path, "nan", timeout=120)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["nonfinite_losses"] == 1 and summary["nimg"] == 2 * 64 * summary["iterations"]
     assert "non-finite denoiser loss on another rank; step skipped" in (tmp_path / "run" / "log.txt").read_text()
@@ -206,10 +211,17 @@ def test_two_process_nonfinite_loss_on_one_rank_is_skipped_by_every_rank(tmp_pat
     assert all(torch.equal(w0[k], w1[k]) for k in w0)
 
 
+def test_two_process_in_run_evaluation_with_frechet_distance_does_not_wait_for_other_ranks(tmp_path):
+    # torchmetrics gathers across ranks on compute by default: rank 0 alone evaluating deadlocked
+    _ddp_run(tmp_path, "eval", timeout=120)
+    evals = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(evals) >= 3 and all(e["fd"] >= 0 for e in evals)
+
+
 def test_two_process_resume_is_bit_exact_on_every_rank(tmp_path):
     # each rank's noise and data streams are checkpointed; restoring rank 0's on every rank would
     # make the ranks draw the same batches after a resume (and differ from the straight run)
-    _ddp_run(tmp_path, "resume", port=29520, timeout=180)
+    _ddp_run(tmp_path, "resume", timeout=180)
     for r in (0, 1):
         straight = torch.load(tmp_path / f"rank{r}.pt", weights_only=True)
         resumed = torch.load(tmp_path / f"resumed{r}.pt", weights_only=True)
@@ -218,7 +230,7 @@ def test_two_process_resume_is_bit_exact_on_every_rank(tmp_path):
 
 def test_two_process_time_budget_stops_every_rank_at_the_same_iteration(tmp_path):
     # rank 1's clock runs 3x fast: deciding on each rank's own clock deadlocks (timeout here)
-    _ddp_run(tmp_path, "budget", port=29518, timeout=120)
+    _ddp_run(tmp_path, "budget", timeout=120)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["stop_reason"] == "time budget" and summary["train_seconds"] >= 3.0
     w0 = torch.load(tmp_path / "rank0.pt", weights_only=True)

@@ -68,7 +68,9 @@ def frechet_distance(feats_a, feats_b) -> float:
         raise FewstepError(f"feature sets differ in dimension: {a.shape[1]} vs {b.shape[1]}")
     if a.shape[0] < 2 or b.shape[0] < 2:
         raise FewstepError(f"Fréchet distance needs >= 2 samples per set, got {a.shape[0]} and {b.shape[0]}")
-    metric = FrechetInceptionDistance(feature=_Identity(a.shape[1]), normalize=True)
+    # sync_on_compute=False: the features are complete here; under torchrun only rank 0 evaluates,
+    # and torchmetrics' default cross-rank gather would wait for the other ranks forever
+    metric = FrechetInceptionDistance(feature=_Identity(a.shape[1]), normalize=True, sync_on_compute=False)
     metric.update(a, real=True)
     metric.update(b, real=False)
     return max(float(metric.compute()), 0.0)

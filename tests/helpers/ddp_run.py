@@ -5,6 +5,8 @@
 three times as fast as rank 0's (as rank 1's does when rank 0 pauses for snapshots and
 evaluations): the ranks must still stop at the same iteration, not wait for each other forever.
 ``ddp_run.py OUT nan``: rank 1's loss is NaN at its third step only: every rank must skip that step.
+``ddp_run.py OUT eval``: with in-run evaluations on rank 0 that compute a Fréchet distance
+(torchmetrics): they must not wait for the other rank.
 ``ddp_run.py OUT resume``: train straight through (OUT/run), and again stopped after 7 iterations
 and resumed by a fresh trainer (OUT/split); write both final weights.
 """
@@ -24,7 +26,8 @@ mode = sys.argv[2] if len(sys.argv) > 2 else ""
 rank = int(os.environ["RANK"])
 budget = mode == "budget"
 cfg = TrainConfig(total_kimg=1000.0 if budget else 2.56, batch_size=64, ema_halflife_kimg=0.5, progress=False,
-                  snapshot_every_kimg=100, checkpoint_every_kimg=100, max_minutes=0.05 if budget else None)
+                  snapshot_every_kimg=100, checkpoint_every_kimg=100, max_minutes=0.05 if budget else None,
+                  eval_every_kimg=0.64 if mode == "eval" else 0.0)
 ds = load_dataset("8gaussians", split="train", n=2000)
 if budget and rank == 1:
     import time
@@ -49,7 +52,15 @@ def trainer(run: str) -> Trainer:
             return (loss * float("nan") if calls[0] == 3 else loss), stats
 
         m.loss = nan_once
-    return Trainer(m, cfg, str(out / run), dataset=ds)
+    return Trainer(m, cfg, str(out / run), dataset=ds, evaluator=fd_evaluator if mode == "eval" else None)
+
+
+def fd_evaluator(model) -> dict:
+    from fewstep.eval.metrics import frechet_distance
+
+    with torch.no_grad():
+        x = model.denoiser(torch.randn(64, 2), torch.full((64,), 1.0))
+    return {"fd": frechet_distance(x, torch.randn(64, 2, generator=torch.Generator().manual_seed(0)))}
 
 
 def save(t: Trainer, name: str) -> None:
