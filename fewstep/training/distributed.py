@@ -7,6 +7,7 @@ weights at start so replicas stay identical.
 """
 from __future__ import annotations
 
+import atexit
 import os
 
 import torch
@@ -21,7 +22,15 @@ def init_from_env(device: torch.device) -> tuple[int, int]:
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend)
+        # torn down before the interpreter exits: a process leaving with gloo's threads alive can
+        # abort with "terminate called without an active exception"
+        atexit.register(_destroy)
     return dist.get_rank(), dist.get_world_size()
+
+
+def _destroy() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def is_distributed() -> bool:

@@ -426,6 +426,7 @@ class Trainer:
         self.run.write_json("summary.json", summary)
         self.run.log(f"stopped ({stop_reason}) at {self.nimg / 1000:.3f} kimg after {self.elapsed:.1f}s of training", echo=cfg.progress)
         self.run.close()
+        dist.barrier()  # ranks leave together (rank 0 evaluated and wrote alone)
         return summary
 
 
