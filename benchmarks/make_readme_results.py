@@ -86,7 +86,7 @@ def teachers_section(d: dict) -> list[str]:
     return out if len(out) > 2 else []
 
 
-def sid_section(d: dict) -> list[str]:
+def sid_section(d: dict, results: Path) -> list[str]:
     cmds = d.get("commands") or {}
     rows = []
 
@@ -129,7 +129,7 @@ def sid_section(d: dict) -> list[str]:
                     + (f", curve `{r['curve_plot']}`" if r.get("curve_plot") else "") for p, r in gaps) + ".", ""]
     for p, r in gaps:
         if not r.get("within_5pct"):
-            out += _diagnosis_lines(p, r)
+            out += _diagnosis_lines(results, p, r)
     images = [(k, d[k]) for k in ("digits", "mnist5k") if isinstance(d.get(k), dict) and "fd_key" in d[k]]
     if images:
         def line(name, r):
@@ -157,9 +157,9 @@ def sid_section(d: dict) -> list[str]:
     return out
 
 
-def _from_init_line(preset: str, sid_result: dict) -> str:
-    """A sentence from benchmarks/results/sid_<preset>_reverse_kl_from_init.json, if it exists."""
-    d = _load(ROOT / "benchmarks" / "results" / f"sid_{preset}_reverse_kl_from_init.json")
+def _from_init_line(results: Path, preset: str, sid_result: dict) -> str:
+    """A sentence from sid_<preset>_reverse_kl_from_init.json in ``results``, if it exists."""
+    d = _load(results / f"sid_{preset}_reverse_kl_from_init.json")
     teacher = (sid_result.get("teacher_exact_heun35") or {}).get("log_likelihood")
     if not isinstance(d, dict) or not d.get("curve") or teacher is None:
         return ""
@@ -176,9 +176,9 @@ def _from_init_line(preset: str, sid_result: dict) -> str:
             + (f"; SiD ran {sid_iters} iterations." if sid_iters else "."))
 
 
-def _diagnosis_lines(preset: str, sid_result: dict) -> list[str]:
-    """One paragraph from benchmarks/results/sid_<preset>_diagnosis.json, if it exists."""
-    d = _load(ROOT / "benchmarks" / "results" / f"sid_{preset}_diagnosis.json")
+def _diagnosis_lines(results: Path, preset: str, sid_result: dict) -> list[str]:
+    """One paragraph from sid_<preset>_diagnosis.json in ``results``, if it exists."""
+    d = _load(results / f"sid_{preset}_diagnosis.json")
     if not isinstance(d, dict) or "gradients_at_student" not in d:
         return []
     bands = [b for b in d["gradients_at_student"]["sid"] if isinstance(b["sigma_band"], list)]
@@ -200,7 +200,7 @@ def _diagnosis_lines(preset: str, sid_result: dict) -> list[str]:
                   f"{_fmt(sid_curve[-1]['log_likelihood'])} in its last {_fmt(probe['minutes'])} min")
     if curve:
         moved += "."
-    moved += _from_init_line(preset, sid_result)
+    moved += _from_init_line(results, preset, sid_result)
     st, true = d["student"], d.get("true_samples", {})
     return [f"Why {preset} is not within 5% ({_code(d.get('command', ''))}, "
             f"`benchmarks/results/sid_{preset}_diagnosis.json`): the student's modes are "
@@ -279,7 +279,7 @@ def render(results: Path) -> str:
             elif p.name == "teachers.json":
                 part = teachers_section(d)
             elif p.name == "sid.json":
-                part = sid_section(d)
+                part = sid_section(d, results)
             elif p.name.startswith("progressive"):
                 if p.stem == "progressive-quick" and (results / "progressive.json").is_file():
                     continue  # the smoke-test settings only when the full run is absent

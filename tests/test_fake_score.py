@@ -1,8 +1,10 @@
 """Method-level behaviour of the fake-score family (SiD, Diff-Instruct, DMD)."""
+import pytest
 import torch
 
 from fewstep.diffusion.denoiser import EDMPrecond, karras_sigmas
 from fewstep.diffusion.samplers import heun
+from fewstep.errors import FewstepError
 from fewstep.methods.dmd import DMD, DMDConfig
 from fewstep.methods.sid import SiD, SiDConfig
 from fewstep.model import FewstepModel
@@ -62,10 +64,6 @@ def test_generator_update_changes_only_the_generator():
 
 
 def test_lr_decay_is_constant_then_inverse_sqrt_for_both_networks():
-    import pytest
-
-    from fewstep.errors import FewstepError
-
     m = SiD.create(SiDConfig(lr_g=1e-4, lr_fake=3e-4, lr_decay_kimg=50.0), teacher=_teacher())
     m.optimizers = m.build_optimizers()
     for nimg, factor in ((0, 1.0), (25_000, 1.0), (50_000, 1.0), (200_000, 0.5), (450_000, 1 / 3)):
@@ -81,10 +79,6 @@ def test_lr_decay_is_constant_then_inverse_sqrt_for_both_networks():
 
 
 def test_dropout_option_overrides_generator_and_fake_but_not_the_teacher():
-    import pytest
-
-    from fewstep.errors import FewstepError
-
     torch.manual_seed(0)
     net = {**NET, "dropout": 0.3}
     cfg = {"type": "denoiser", "net": net, "precond": {"name": "edm", "sigma_data": 0.5},

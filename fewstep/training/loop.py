@@ -125,9 +125,13 @@ class Trainer:
             net.eval().requires_grad_(False)
         m.optimizers = m.build_optimizers()
         self.ema = EMA(m.nets[m.ema_net]) if (m.ema_net and self.cfg.ema_halflife_kimg > 0) else None
-        # Per-rank streams: global torch RNG (noise inside losses) and the data order.
-        torch.manual_seed(self.cfg.seed * 7919 + self.rank)
-        self.data_gen = torch.Generator().manual_seed(self.cfg.seed * 104729 + 17 + self.rank)
+        self.data_gen = torch.Generator()
+        self._seed_streams()
+
+    def _seed_streams(self, offset: int = 0) -> None:
+        """Per-rank streams: global torch RNG (noise inside losses) and the data order."""
+        torch.manual_seed(self.cfg.seed * 7919 + self.rank + offset)
+        self.data_gen.manual_seed(self.cfg.seed * 104729 + 17 + self.rank + offset)
 
     def _student_net(self):
         m = self.method
@@ -198,8 +202,7 @@ class Trainer:
             torch.set_rng_state(tensors[f"rng.torch{suffix}"])
             self.data_gen.set_state(tensors[f"rng.data{suffix}"])
         else:  # a rank the checkpoint did not have: fresh streams, distinct per rank and iteration
-            torch.manual_seed(self.cfg.seed * 7919 + self.rank + 1_000_003 * meta["iteration"])
-            self.data_gen.manual_seed(self.cfg.seed * 104729 + 17 + self.rank + 1_000_003 * meta["iteration"])
+            self._seed_streams(offset=1_000_003 * meta["iteration"])
         self.iteration, self.nimg = meta["iteration"], meta["nimg"]
         self.elapsed, self.eval_seconds = meta["elapsed"], meta.get("eval_seconds", 0.0)
         self.nonfinite_total = meta.get("nonfinite_total", 0)
