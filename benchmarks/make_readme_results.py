@@ -90,20 +90,26 @@ def sid_section(d: dict, results: Path) -> list[str]:
     cmds = d.get("commands") or {}
     rows = []
 
-    def add(setting, model, m, distill=None, part=""):
+    def add(setting, model, m, distill=None, part="", command=None):
         pm = _primary(m or {})
         if pm is None:
             return
-        cmd = (distill or {}).get("command") or cmds.get(part, "")
+        cmd = (distill or {}).get("command") or command or cmds.get(part, "")
         m = m or {}
         div = m.get("mode_coverage", next((v for k, v in m.items() if k.startswith("recall_")), None))
         rows.append([setting, model, m.get("nfe"), f"{_label(pm[0])} = {_fmt(pm[1])}", m.get("n_samples"),
                      _fmt(div) if div is not None else "", _fmt(m.get("samples_per_second")),
                      (distill or {}).get("kimg"), (distill or {}).get("train_seconds"), _code(cmd)])
 
+    shown = set()
     for preset, r in (d.get("mixture") or {}).items():
-        add(f"mixture:{preset}", "teacher (exact, Heun)", r.get("teacher_exact_heun35"), part="mixture")
-        add(f"mixture:{preset}", "SiD student", r.get("student_sid_1nfe"), r.get("distill"), "mixture")
+        mixture = r.get("mixture", preset)
+        if mixture not in shown:
+            add(f"mixture:{mixture}", "teacher (exact, Heun)", r.get("teacher_exact_heun35"), part="mixture",
+                command=r.get("benchmark_command"))
+            shown.add(mixture)
+        variant = "" if preset == mixture else f" ({preset})"
+        add(f"mixture:{mixture}", f"SiD student{variant}", r.get("student_sid_1nfe"), r.get("distill"), "mixture")
     for data in ("digits", "mnist5k"):
         r = d.get(data)
         if isinstance(r, dict):
@@ -126,7 +132,8 @@ def sid_section(d: dict, results: Path) -> list[str]:
                 "|Δ log-likelihood| ≤ ln 1.05 nats, all modes): " + "; ".join(
                     f"{p} Δ = {_fmt(r['loglik_gap_nats'])} nats ({'within' if r.get('within_5pct') else 'not within'}"
                     f" 5%, {'all' if r.get('all_modes_covered') else 'NOT all'} modes)"
-                    + (f", curve `{r['curve_plot']}`" if r.get("curve_plot") else "") for p, r in gaps) + ".", ""]
+                    + (f", curve `{r['curve_plot']}`" if r.get("curve_plot") else "") + _late_range(r)
+                    for p, r in gaps) + ".", ""]
     for p, r in gaps:
         if not r.get("within_5pct"):
             out += _diagnosis_lines(results, p, r)
@@ -153,8 +160,22 @@ def sid_section(d: dict, results: Path) -> list[str]:
                        [[k, v.get("batch"), _fmt(v.get("teacher_step_seconds")), _fmt(v.get("sid_iteration_seconds")),
                          _fmt(v.get("ratio"))] for k, v in cost.items()]), ""]
     if cmds:
-        out += ["Benchmark scripts: " + ", ".join(_code(c) for c in cmds.values()) + ".", ""]
+        scripts = []
+        for part, c in cmds.items():  # the mixture runs may come from several commands (one per preset)
+            extra = [r.get("benchmark_command") for r in (d.get("mixture") or {}).values()] if part == "mixture" else []
+            scripts += [x for x in (extra or [c]) if x and x not in scripts]
+        out += ["Benchmark scripts: " + ", ".join(_code(c) for c in scripts) + ".", ""]
     return out
+
+
+def _late_range(r: dict) -> str:
+    """The range of the in-run log-likelihood over the last fifth of a mixture run (how settled it is)."""
+    curve = r.get("curve") or []
+    late = [c["log_likelihood"] for c in curve[len(curve) - max(len(curve) // 5, 1):]]
+    if len(late) < 2:
+        return ""
+    return (f" (in-run, n = {r.get('curve_n')}, seed {r.get('curve_seed')}: {_fmt(min(late))} to {_fmt(max(late))} "
+            f"over its last {len(late)} evaluations)")
 
 
 def _from_init_line(results: Path, preset: str, sid_result: dict) -> str:

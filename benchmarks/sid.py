@@ -1,6 +1,6 @@
 """SiD benchmarks (issue "SiD"): one-step students against their teachers.
 
-    python benchmarks/sid.py --only mixture --minutes 12   # exact mixture teachers (≈ 26 min; --presets ring8 | grid25)
+    python benchmarks/sid.py --only mixture --minutes 12   # exact mixture teachers (≈ 40 min; --presets ring8 grid25 grid25-reference)
     python benchmarks/sid.py --only mnist5k      # FD vs images seen, ≤ 30 CPU-minutes of SiD
     FEWSTEP_THREADS=1 python benchmarks/sid.py --only digits   # the same on digits, on one core
     python benchmarks/sid.py --only compare      # SiD vs Diff-Instruct vs DMD, equal wall-clock, one table
@@ -57,36 +57,54 @@ def _distill(method: str, teacher: str, out: Path, minutes: float, *extra: str, 
 
 # ---- exact mixture teachers ------------------------------------------------------------------------
 MIXTURES = {"ring8": "8gaussians", "grid25": "25gaussians"}  # exact teacher preset: its shipped MLP initialisation
-# per-preset options on top of the shared ones. grid25's tight modes stall SiD (benchmarks/sid_mixture_diagnosis.py:
-# the generator itself reaches the teacher in a few hundred exact reverse-KL steps, so the stall is in SiD's
-# gradient estimate); a 10× faster fake score with α = 1.0 went furthest in 10-minute trials.
-MIXTURE_OPTIONS = {"ring8": ("--lr-fake", "1e-4"), "grid25": ("--lr-fake", "1e-3", "--alpha", "1.0")}
-MIXTURE_BATCH, MIXTURE_LR_G = 256, 1e-4  # shared by both presets (and sid_mixture_diagnosis.py --from-init)
+MIXTURE_BATCH = 256
+# per-run options on top of the shared ones: run name → (exact mixture, options). grid25's tight modes stall the
+# reference estimator (benchmarks/sid_mixture_diagnosis.py: the generator itself reaches the teacher in a few
+# hundred exact reverse-KL steps): in 2-D the per-sample ω = mean over 2 coordinates comes near 0 and 1/ω has an
+# infinite variance. ω pooled over the 32 σ-nearest samples and antithetic noise pairs tame the gradient's
+# variance, and lr_g 3e-4 then works (with the reference estimator too; 1e-3 is too fast); t_max 500 (σ ≤ 2.5,
+# 42% of the σ draws below 0.1 instead of 26%) went further in 12-minute trials than 800, 2 fake updates per
+# generator update or pooling over the whole batch. "grid25-reference" is the same run with the reference's
+# per-sample ω and independent noise: the ablation, side by side.
+MIXTURE_RUNS = {
+    "ring8": ("ring8", ("--lr-g", "1e-4", "--lr-fake", "1e-4")),
+    "grid25": ("grid25", ("--lr-g", "3e-4", "--lr-fake", "1e-3", "--alpha", "1.0", "--t-max", "500",
+                          "--omega-pool", "32", "--antithetic")),
+    "grid25-reference": ("grid25", ("--lr-g", "3e-4", "--lr-fake", "1e-3", "--alpha", "1.0", "--t-max", "500")),
+}
+SHIP_STUDENT = ("ring8", "grid25")  # ablation students are not committed
 
 
-def bench_mixture(minutes: float, presets=tuple(MIXTURES)) -> dict:
+def mixture_lr_g(run: str) -> float:
+    """The generator learning rate of a mixture run (sid_mixture_diagnosis.py --from-init uses it)."""
+    opts = MIXTURE_RUNS[run][1]
+    return float(opts[opts.index("--lr-g") + 1])
+
+
+def bench_mixture(minutes: float, presets=tuple(MIXTURE_RUNS)) -> dict:
     out = {}
     for preset in presets:
-        data = MIXTURES[preset]
+        mixture, options = MIXTURE_RUNS[preset]
+        data = MIXTURES[mixture]
         run = RUNS / f"sid-mixture-{preset}"
         shutil.rmtree(run, ignore_errors=True)
-        info = _distill("sid", f"mixture:{preset}", run, minutes, "--init", str(SHIPPED / data),
-                        "--batch-size", str(MIXTURE_BATCH), "--lr-g", f"{MIXTURE_LR_G:g}", *MIXTURE_OPTIONS[preset],
+        info = _distill("sid", f"mixture:{mixture}", run, minutes, "--init", str(SHIPPED / data),
+                        "--batch-size", str(MIXTURE_BATCH), *options,
                         "--ema-halflife-kimg", "20", "--lr-decay-kimg", "500", "--snapshot-every-kimg", "200", "--checkpoint-every-kimg", "200",
                         eval_n=5000, eval_every=100.0)
         n = 20000
-        teacher = _eval(f"mixture:{preset}", n, sampler="heun", steps=18)
+        teacher = _eval(f"mixture:{mixture}", n, sampler="heun", steps=18)
         student = _eval(run, n)
         init = _eval(SHIPPED / data, n, sampler="heun", steps=18)
         gap = student["log_likelihood"] - teacher["log_likelihood"]
         out[preset] = {
-            "distill": info, "n_samples": n,
+            "mixture": mixture, "distill": info, "n_samples": n,
             "teacher_exact_heun35": _pick(teacher), "student_sid_1nfe": _pick(student),
             "init_mlp_teacher_heun35": _pick(init),
             "loglik_gap_nats": gap, "likelihood_ratio": float(__import__("math").exp(gap)),
             "within_5pct": abs(gap) <= __import__("math").log(1 + LIKELIHOOD_TOLERANCE),
             "all_modes_covered": student["mode_coverage"] == 1.0,
-            "student_checkpoint": _ship_student(run, f"sid-{preset}"),
+            "student_checkpoint": _ship_student(run, f"sid-{preset}") if preset in SHIP_STUDENT else None,
             "curve": [{"kimg": r["kimg"], "train_seconds": r["train_seconds"], "log_likelihood": r["log_likelihood"],
                        "mode_coverage": r["mode_coverage"]}
                       for r in map(json.loads, filter(str.strip, (run / "metrics.jsonl").read_text().splitlines()))],
@@ -110,7 +128,7 @@ def plot_mixture_curve(preset: str, res: dict) -> str:
                  "exact teacher, Heun (35 NFE)": (xs, [t] * len(xs)),
                  "teacher − ln 1.05": (xs, [t - band] * len(xs))},
                 plot, xlabel="images seen (kimg)", ylabel=f"mean log-likelihood (n={res['curve_n']}, seed 0)",
-                title=f"SiD on mixture:{preset}")
+                title=f"SiD on mixture:{res['mixture']}" + ("" if preset == res["mixture"] else f" ({preset})"))
     return str(plot.relative_to(ROOT))
 
 
@@ -248,8 +266,8 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", default=["mixture", "cost", "compare", "mnist5k"],
                     choices=["mixture", "mnist5k", "digits", "compare", "cost"])
     ap.add_argument("--minutes", type=float, default=None, help="override each run's wall-clock budget")
-    ap.add_argument("--presets", nargs="*", default=list(MIXTURES), choices=list(MIXTURES),
-                    help="mixture part: which exact teachers (separate processes may run one each; results merge)")
+    ap.add_argument("--presets", nargs="*", default=list(MIXTURE_RUNS), choices=list(MIXTURE_RUNS),
+                    help="mixture part: which runs (separate processes may run one each; results merge)")
     ap.add_argument("--compare-data", default="digits")
     ap.add_argument("--replot", default=None, help="only redraw the FD curve of this finished image run")
     args = ap.parse_args()
@@ -280,6 +298,12 @@ def main() -> None:
         results = json.loads(path.read_text()) if path.is_file() else {}  # merge: other parts may have run meanwhile
         cmd = f"python benchmarks/sid.py --only {part}" + (f" --minutes {args.minutes}" if args.minutes else "")
         if part == "mixture":  # merge per preset: `--presets ring8` and `--presets grid25` may run side by side
+            if args.presets != list(MIXTURE_RUNS):
+                cmd += " --presets " + " ".join(args.presets)
+            for r in results.get("mixture", {}).values():  # earlier runs keep the command that made them
+                r.setdefault("benchmark_command", results.get("commands", {}).get("mixture"))
+            for r in part_result.values():
+                r.setdefault("benchmark_command", cmd)
             part_result = {**results.get("mixture", {}), **part_result}
         results[part] = part_result
         results.setdefault("commands", {})[part] = cmd

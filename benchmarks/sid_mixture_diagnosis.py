@@ -193,16 +193,17 @@ def main() -> None:
     torch.set_num_threads(threads())
     torch.manual_seed(0)
     if args.from_init:
-        from sid import MIXTURE_BATCH, MIXTURE_LR_G, MIXTURES
+        from sid import MIXTURE_BATCH, MIXTURES, mixture_lr_g
 
         from fewstep.methods.fake_score import FakeScoreConfig
 
         sid_defaults, init = FakeScoreConfig(), f"fewstep/assets/teachers/{MIXTURES[args.preset]}"
+        lr = mixture_lr_g(args.preset)
         G, mix, t0 = load_model(ROOT / init).denoiser, preset(args.preset), time.time()
         res = {"preset": args.preset, "init": init, "sigma_init": sid_defaults.sigma_init, "optimizer": "Adam",
-               "lr": MIXTURE_LR_G, "betas": list(sid_defaults.betas), "batch": MIXTURE_BATCH,
+               "lr": lr, "betas": list(sid_defaults.betas), "batch": MIXTURE_BATCH,
                "iterations": args.from_init, "n_eval": 20000,
-               "curve": reverse_kl_probe(G, mix, sid_defaults.sigma_init, None, MIXTURE_LR_G, batch=MIXTURE_BATCH,
+               "curve": reverse_kl_probe(G, mix, sid_defaults.sigma_init, None, lr, batch=MIXTURE_BATCH,
                                          betas=sid_defaults.betas, iterations=args.from_init,
                                          eval_every=max(args.from_init // 10, 1))}
         res["wall_seconds"] = round(time.time() - t0, 1)

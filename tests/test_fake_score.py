@@ -100,3 +100,26 @@ def test_dropout_option_overrides_generator_and_fake_but_not_the_teacher():
     assert not torch.equal(kept.G(x, s), kept.G(x, s))
     with pytest.raises(FewstepError, match="dropout"):
         SiDConfig(dropout=1.0).validate()
+
+
+def test_antithetic_pairs_share_x_g_and_sigma_with_opposite_noise():
+    m = SiD.create(SiDConfig(antithetic=True), teacher=_teacher())
+    m.batch_size = 10
+    seen = {}
+
+    def spy(x_t, sigma, labels=None):
+        seen["x_t"], seen["sigma"] = x_t.detach(), sigma
+        return x_t * 0.5
+
+    x_g, labels = m.generator_step_inputs()
+    assert x_g.shape == (10, 2) and torch.equal(x_g[:5], x_g[5:])
+    m.per_sample_loss(x_g, spy, lambda x_t, s, l=None: x_t * 0.4, labels)
+    s, x_t = seen["sigma"], seen["x_t"]
+    torch.testing.assert_close(s[:5], s[5:])
+    torch.testing.assert_close(x_t[:5] - x_g[:5].detach(), -(x_t[5:] - x_g[5:].detach()))
+    assert (x_t[:5] != x_g[:5]).any()
+    odd = SiD.create(SiDConfig(antithetic=True), teacher=_teacher())
+    odd.batch_size = 7  # an odd batch: the last pair is cut to one row, the batch keeps its size
+    x_g, labels = odd.generator_step_inputs()
+    per, _ = odd.per_sample_loss(x_g, spy, lambda x_t, s, l=None: x_t * 0.4, labels)
+    assert x_g.shape == (7, 2) and per.shape == (7,)

@@ -9,7 +9,7 @@ from fewstep.diffusion.mixture import GaussianMixture
 from fewstep.methods.diff_instruct import diff_instruct_generator_loss, diff_instruct_loss
 from fewstep.methods.dmd import dmd_generator_loss, dmd_grad, dmd_loss
 from fewstep.methods.fake_score import generator_sigma
-from fewstep.methods.sid import sid_generator_loss, sid_loss, sid_weight
+from fewstep.methods.sid import pooled_weight, sid_generator_loss, sid_loss, sid_weight
 
 
 
@@ -175,3 +175,48 @@ def test_dmd_loss_gradient_is_the_normalised_score_difference():
     dmd_loss(x, grad).sum().backward()
     norm = (x.detach() - yr).abs().mean(1, keepdim=True)
     torch.testing.assert_close(x.grad, (yf - yr) / norm)
+
+
+def test_pooled_weight_is_the_mean_over_the_k_samples_nearest_in_sigma():
+    g = torch.Generator().manual_seed(3)
+    n, k = 37, 8
+    sigma = torch.rand(n, generator=g) * 3
+    w = torch.rand(n, 1, generator=g) + 0.1
+    pooled = pooled_weight(w, sigma, k)
+    order = torch.argsort(sigma)
+    for rank, i in enumerate(order.tolist()):  # brute force: a window of k ranks, clamped to the batch
+        lo = min(max(rank - k // 2, 0), n - k)
+        torch.testing.assert_close(pooled[i], w[order[lo:lo + k]].mean(0))
+    torch.testing.assert_close(pooled_weight(w, sigma, 1), w)  # 1: the reference's per-sample ω
+    torch.testing.assert_close(pooled_weight(w, sigma, 10 * n), w.mean().expand_as(w))
+    perm = torch.randperm(n, generator=g)  # a function of the batch as a set: rows just move
+    torch.testing.assert_close(pooled_weight(w[perm], sigma[perm], k), pooled[perm])
+    bad = w.clone()
+    bad[order[5]] = float("nan")  # a NaN sample is dropped later: its neighbours pool over the rest
+    p_bad = pooled_weight(bad, sigma, k)
+    assert torch.isnan(p_bad[order[5]]) and torch.isfinite(p_bad[order[torch.arange(n) != 5]]).all()
+    lo = min(max(0 - k // 2, 0), n - k)  # the lowest σ: its window holds the NaN
+    torch.testing.assert_close(p_bad[order[0]], w[order[[i for i in range(lo, lo + k) if i != 5]]].mean(0))
+
+
+def test_pooled_weight_tames_the_two_dimensional_weight_and_keeps_the_gradient_direction():
+    """In 2-D the per-sample ω = σ·mean(|ε₁|, |ε₂|) nears 0 (1/ω has an infinite variance).
+    Pooling over σ-neighbours shrinks the spread of the generator gradient across batches while
+    the population gradient still moves the generator toward the teacher."""
+    dim, a0, b0 = 2, 0.3, 0.4
+    teacher, fake = _gaussian_denoiser(0.0, 0.25, dim), _gaussian_denoiser(b0, a0**2, dim)
+    torch.manual_seed(6)
+    grads = {1: [], 32: []}
+    for _ in range(60):
+        z, s, e = torch.randn(512, dim), generator_sigma(512), torch.randn(512, dim)
+        for k in grads:
+            a = torch.tensor(a0, requires_grad=True)
+            b = torch.tensor(b0, requires_grad=True)
+            per, _ = sid_generator_loss(a * z + b, teacher, fake, alpha=1.2, sigma=s, noise=e, omega_pool=k)
+            grads[k].append(torch.stack(torch.autograd.grad(per.mean(), [a, b])))
+    mean = {k: torch.stack(v).mean(0) for k, v in grads.items()}
+    std = {k: torch.stack(v).std(0) for k, v in grads.items()}
+    assert (std[32] < 0.5 * std[1]).all(), std
+    ga, gb = mean[32]
+    assert gb * b0 > 0 and ga * (a0 - 0.5) > 0, mean  # toward b = 0, a = 0.5
+

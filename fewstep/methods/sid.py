@@ -28,6 +28,31 @@ def sid_weight(x_g: torch.Tensor, y_real: torch.Tensor, eps: float = 1e-5) -> to
     return append_dims(w, x_g.ndim)
 
 
+def pooled_weight(weight: torch.Tensor, sigma: torch.Tensor, k: int) -> torch.Tensor:
+    """Per-sample ω averaged over a window of ``k`` samples of the batch adjacent in σ order
+    (centred on the sample, shifted inward at the ends of the σ range; itself included).
+
+    In few dimensions the per-sample mean|x_g − f_φ| can come arbitrarily close to 0
+    (in 2-D, 1/ω has an infinite variance); pooling over samples at about the same σ
+    estimates the ω that a high-dimensional sample gets from its own mean. k = 1: unchanged.
+    """
+    n = weight.shape[0]
+    k = min(k, n)
+    if k <= 1:
+        return weight
+    w = weight.flatten()
+    ok = torch.isfinite(w)  # a NaN sample (dropped later) must not poison its neighbours' ω
+    order = torch.argsort(sigma)
+    zero = w.new_zeros(1)
+    total = torch.cat([zero, torch.cumsum(torch.where(ok, w, 0.0)[order], 0)])
+    count = torch.cat([zero, torch.cumsum(ok[order].to(w.dtype), 0)])
+    start = (torch.arange(n, device=w.device) - k // 2).clamp(0, n - k)
+    pooled = torch.empty_like(w)
+    pooled[order] = (total[start + k] - total[start]) / (count[start + k] - count[start]).clamp_min(1)
+    pooled = torch.where(ok, pooled, w)
+    return pooled.view_as(weight)
+
+
 def sid_loss(x_g: torch.Tensor, y_real: torch.Tensor, y_fake: torch.Tensor, alpha: float = 1.2,
              weight: torch.Tensor | None = None) -> torch.Tensor:
     """Per-element SiD generator loss (y_r − y_f)·((y_r − x_g) − α(y_r − y_f))/ω  ("L2 − α·L1").
@@ -42,7 +67,8 @@ def sid_loss(x_g: torch.Tensor, y_real: torch.Tensor, y_fake: torch.Tensor, alph
 
 def sid_generator_loss(generator_out: torch.Tensor, teacher, fake, labels=None, *, alpha: float = 1.2,
                        sigma: torch.Tensor | None = None, noise: torch.Tensor | None = None,
-                       t_max: float = 800.0, t_min: float = 0.0, through_networks: bool = True):
+                       t_max: float = 800.0, t_min: float = 0.0, through_networks: bool = True,
+                       omega_pool: int = 1):
     """SiD generator loss for a batch x_g = ``generator_out`` (DESIGN §3 step 2), a pure function.
 
     Returns ``(per_sample_loss [N], info)``: the per-element loss summed over dimensions.
@@ -56,7 +82,8 @@ def sid_generator_loss(generator_out: torch.Tensor, teacher, fake, labels=None, 
     if noise is None:
         noise = torch.randn_like(x_g)
     y_real, y_fake = denoise_both(x_g, teacher, fake, labels, sigma, noise, through_networks=through_networks)
-    loss = sid_loss(x_g, y_real, y_fake, alpha)
+    weight = pooled_weight(sid_weight(x_g, y_real), sigma, omega_pool)
+    loss = sid_loss(x_g, y_real, y_fake, alpha, weight)
     return loss.flatten(1).sum(1), {"sigma": sigma, "y_real": y_real, "y_fake": y_fake}
 
 
@@ -64,9 +91,13 @@ def sid_generator_loss(generator_out: torch.Tensor, teacher, fake, labels=None, 
 class SiDConfig(FakeScoreConfig):
     alpha: float = field(default=1.2, metadata={"help": "α of the 'L2 − α·L1' generator loss (1.2; 1.0 on some sets)"})
 
+    omega_pool: int = field(default=1, metadata={"help": "average ω over the k samples of the batch nearest in σ (1 = per sample, the reference; helps in few dimensions)"})
+    antithetic: bool = field(default=False, metadata={"help": "pair the generator batch: each x_g twice, with noise ε and −ε at one σ (unbiased; off = the reference)"})
+
     def validate(self) -> None:
         super().validate()
         require(self.alpha >= 0, f"alpha must be >= 0, got {self.alpha}")
+        require(self.omega_pool >= 1, f"omega_pool must be >= 1 (1 = per-sample ω), got {self.omega_pool}")
 
 
 @register_method
@@ -81,6 +112,22 @@ class SiD(FakeScoreMethod):
     Config = SiDConfig
     summary = "Score identity Distillation (data-free, one step; the flagship)"
 
+    def generator_step_inputs(self):
+        if not self.config.antithetic:
+            return super().generator_step_inputs()
+        half = (self.batch_size + 1) // 2
+        labels = self.draw_labels(half)
+        x_g = self.generate(half, labels, grad=True)
+        n = self.batch_size
+        return x_g.repeat((2,) + (1,) * (x_g.ndim - 1))[:n], (labels.repeat(2)[:n] if labels is not None else None)
+
     def per_sample_loss(self, x_g, teacher, fake, labels):
         c = self.config
-        return sid_generator_loss(x_g, teacher, fake, labels, alpha=c.alpha, t_min=c.t_min, t_max=c.t_max)
+        sigma = noise = None
+        if c.antithetic:  # rows i and i + half share x_g and σ; their noises are ε and −ε
+            n, half = x_g.shape[0], (x_g.shape[0] + 1) // 2
+            s = generator_sigma(half, c.t_min, c.t_max, device=x_g.device)
+            e = torch.randn_like(x_g[:half])
+            sigma, noise = s.repeat(2)[:n], torch.cat([e, -e])[:n]
+        return sid_generator_loss(x_g, teacher, fake, labels, alpha=c.alpha, t_min=c.t_min, t_max=c.t_max,
+                                  sigma=sigma, noise=noise, omega_pool=c.omega_pool)
