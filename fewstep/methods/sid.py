@@ -73,7 +73,8 @@ def sid_generator_loss(generator_out: torch.Tensor, teacher, fake, labels=None, 
 
     Returns ``(per_sample_loss [N], info)``: the per-element loss summed over dimensions.
     ``teacher``/``fake`` are σ-space denoisers. ``through_networks=False`` detaches the
-    networks' inputs (the ablation that turns SiD into Diff-Instruct).
+    networks' inputs (the ablation that turns SiD into Diff-Instruct). ``omega_pool`` > 1
+    replaces each sample's ω by :func:`pooled_weight` over that many σ-adjacent samples.
     """
     x_g = generator_out
     n = x_g.shape[0]
@@ -90,8 +91,7 @@ def sid_generator_loss(generator_out: torch.Tensor, teacher, fake, labels=None, 
 @dataclass
 class SiDConfig(FakeScoreConfig):
     alpha: float = field(default=1.2, metadata={"help": "α of the 'L2 − α·L1' generator loss (1.2; 1.0 on some sets)"})
-
-    omega_pool: int = field(default=1, metadata={"help": "average ω over the k samples of the batch nearest in σ (1 = per sample, the reference; helps in few dimensions)"})
+    omega_pool: int = field(default=1, metadata={"help": "average ω over a window of k samples of the batch adjacent in σ (1 = per sample, the reference; helps in few dimensions)"})
     antithetic: bool = field(default=False, metadata={"help": "pair the generator batch: each x_g twice, with noise ε and −ε at one σ (unbiased; off = the reference)"})
 
     def validate(self) -> None:
