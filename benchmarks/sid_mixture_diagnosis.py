@@ -26,8 +26,8 @@ Writes benchmarks/results/sid_<preset>_diagnosis.json.
     python benchmarks/sid_mixture_diagnosis.py --preset grid25 --from-init 2000
 
 instead runs only the reverse-KL probe, from SiD's own starting point (the shipped MLP teacher
-that benchmarks/sid.py passes as --init) with SiD's generator optimiser (Adam, lr 1e-4,
-β = (0, 0.999), batch 256) for that many iterations, and writes
+that benchmarks/sid.py passes as --init) with SiD's generator optimiser (Adam with the preset's
+benchmark lr_g, β = (0, 0.999), batch 256) for that many iterations, and writes
 benchmarks/results/sid_<preset>_reverse_kl_from_init.json. It needs no SiD run: it asks whether
 the generator, from where SiD starts, can reach the teacher at all when its gradient is exact.
 """
