@@ -110,11 +110,14 @@ def sid_section(d: dict, results: Path) -> list[str]:
             shown.add(mixture)
         variant = "" if preset == mixture else f" ({preset})"
         add(f"mixture:{mixture}", f"SiD student{variant}", r.get("student_sid_1nfe"), r.get("distill"), "mixture")
-    for data in ("digits", "mnist5k"):
-        r = d.get(data)
-        if isinstance(r, dict):
-            add(data, "teacher (Heun)", r.get("teacher_heun35"), part=data)
-            add(data, "SiD student", r.get("student_sid_1nfe"), r.get("distill"), data)
+    images = _image_runs(d)
+    for name, r in images:
+        data = r.get("data", name)
+        if data not in shown:
+            add(data, "teacher (Heun)", r.get("teacher_heun35"), part=name)
+            shown.add(data)
+        add(data, "SiD student" + ("" if name == data else f" ({name})"), r.get("student_sid_1nfe"),
+            r.get("distill"), name)
     comp = d.get("compare")
     if isinstance(comp, dict):
         data = comp.get("data", "")
@@ -137,17 +140,22 @@ def sid_section(d: dict, results: Path) -> list[str]:
     for p, r in gaps:
         if not r.get("within_5pct"):
             out += _diagnosis_lines(results, p, r)
-    images = [(k, d[k]) for k in ("digits", "mnist5k") if isinstance(d.get(k), dict) and "fd_key" in d[k]]
     if images:
         def line(name, r):
             key, t, s = r["fd_key"], r["teacher_heun35"], r["student_sid_1nfe"]
             t0 = r.get("teacher_heun35_at_curve_seed") or {}
             floor = t.get(key.replace("fd_", "fd_floor_"))
-            return (f"{name}: student {_fmt(s[key])} vs teacher {_fmt(t[key])} "
+            by_seed = r.get("fd_by_seed") or {}
+            seeds = ("; student vs teacher by noise seed " + ", ".join(
+                f"{k}: {_fmt(v['student_sid_1nfe'])} vs {_fmt(v['teacher_heun35'])}" for k, v in by_seed.items())
+                + f" — at or below the teacher at {r.get('student_at_or_below_teacher_seeds')} of {len(by_seed)}"
+                ) if by_seed else ""
+            prov = f" [{r['provenance']}]" if r.get("provenance") else ""
+            return (f"{name}{prov}: student {_fmt(s[key])} vs teacher {_fmt(t[key])} "
                     f"({'met' if r.get('student_fd_at_or_below_teacher') else 'not met'}; n = {r['n_samples']}, "
-                    f"noise seed 1, real-data floor {_fmt(floor)} at n = {t.get('n_floor')}) after "
+                    f"noise seed 1, real-data floor {_fmt(floor)} at n = {t.get('n_floor')}{seeds}) after "
                     f"{_fmt(r['distill']['train_seconds'] / 60)} min of distillation "
-                    f"({r['distill']['kimg']:.0f} kimg); curve at seed 0 `{r.get('curve_plot')}`, teacher there "
+                    f"({r['distill']['kimg']:.0f} kimg, {r['distill']['sec_per_iter']:.2f} s per iteration); curve at seed 0 `{r.get('curve_plot')}`, teacher there "
                     f"{_fmt(t0.get(key))}; the student samples {_fmt(r['throughput_ratio_student_over_teacher'])}× as "
                     "fast as the teacher at 35 NFE")
         out += ["Images, one-step student FD vs the teacher's at 35 NFE (Heun), same n and noise seed "
@@ -166,6 +174,12 @@ def sid_section(d: dict, results: Path) -> list[str]:
             scripts += [x for x in (extra or [c]) if x and x not in scripts]
         out += ["Benchmark scripts: " + ", ".join(_code(c) for c in scripts) + ".", ""]
     return out
+
+
+def _image_runs(d: dict) -> list[tuple[str, dict]]:
+    """The image runs of sid.json (a run named after its data, then its ablations), data by data."""
+    runs = [(k, v) for k, v in d.items() if isinstance(v, dict) and "fd_key" in v and "student_sid_1nfe" in v]
+    return sorted(runs, key=lambda kv: (kv[1].get("data", kv[0]), kv[0] != kv[1].get("data", kv[0]), kv[0]))
 
 
 def _late_range(r: dict) -> str:

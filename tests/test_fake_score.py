@@ -123,3 +123,34 @@ def test_antithetic_pairs_share_x_g_and_sigma_with_opposite_noise():
     x_g, labels = odd.generator_step_inputs()
     per, _ = odd.per_sample_loss(x_g, spy, lambda x_t, s, l=None: x_t * 0.4, labels)
     assert x_g.shape == (7, 2) and per.shape == (7,)
+
+
+def test_t_max_anneal_moves_the_generator_sigma_range_with_images_seen():
+    from fewstep.diffusion.denoiser import karras_ramp
+    from fewstep.methods.fake_score import annealed_t_max
+
+    assert annealed_t_max(10.0, 800.0, None, 0.0, 0.0) == 800.0  # unset: the reference's constant t_max
+    for kimg, want in ((0.0, 800.0), (100.0, 800.0), (150.0, 650.0), (200.0, 500.0), (900.0, 500.0)):
+        assert annealed_t_max(kimg, 800.0, 500.0, 100.0, 200.0) == pytest.approx(want)
+    assert [annealed_t_max(k, 800.0, 500.0, 150.0, 150.0) for k in (149.9, 150.0, 150.1)] == [800.0, 800.0, 500.0]
+
+    m = SiD.create(SiDConfig(t_max=800.0, t_max_end=500.0, t_max_anneal_kimg=(100.0, 200.0)), teacher=_teacher())
+    m.optimizers = m.build_optimizers()
+    m.batch_size = 4096
+    seen = {}
+
+    def spy(x_t, sigma, labels=None):
+        seen["sigma"] = sigma
+        return x_t * 0.5
+
+    for nimg, t_max in ((0, 800.0), (150_000, 650.0), (10**6, 500.0)):
+        m.begin_iteration(nimg, 10**7)
+        assert m.t_max_now == pytest.approx(t_max)
+        x_g, labels = m.generator_step_inputs()
+        m.per_sample_loss(x_g.detach(), spy, lambda x_t, s, l=None: x_t * 0.4, labels)
+        top = float(karras_ramp(torch.tensor(t_max / 1000.0)))
+        assert seen["sigma"].max() <= top * (1 + 1e-5) and seen["sigma"].max() > 0.8 * top
+    with pytest.raises(FewstepError, match="t_max_end"):
+        SiDConfig(t_max_end=1200.0).validate()
+    with pytest.raises(FewstepError, match="t_max_anneal_kimg"):
+        SiDConfig(t_max_end=500.0, t_max_anneal_kimg=(200.0, 100.0)).validate()

@@ -103,7 +103,7 @@ class DMD(FakeScoreMethod):
                           tensors["pairs.labels"].to(self.device) if "pairs.labels" in tensors else None)
 
     def per_sample_loss(self, x_g, teacher, fake, labels):
-        return dmd_generator_loss(x_g, teacher, fake, labels, t_min=self.config.t_min, t_max=self.config.t_max)
+        return dmd_generator_loss(x_g, teacher, fake, labels, t_min=self.config.t_min, t_max=self.t_max_now)
 
     def generator_loss(self, batch):
         """The distribution-matching loss plus, when enabled, the regression term (DMD)."""

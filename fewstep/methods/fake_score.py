@@ -40,6 +40,8 @@ class FakeScoreConfig:
     guidance_teacher: float = field(default=1.0, metadata={"help": "CFG scale κ of the teacher inside the generator loss"})
     lr_decay_kimg: float = field(default=0.0, metadata={"help": "inverse-sqrt decay of both learning rates after this many kimg: lr·(kimg/this)^-½ (EDM2); 0 = constant (the reference)"})
     dropout: float | None = field(default=None, metadata={"help": "dropout rate of the generator and the fake score while they train; unset keeps the rate the teacher was trained with (the reference)"})
+    t_max_end: float | None = field(default=None, metadata={"help": "anneal the generator's t_max to this value (large σ first for the layout, then small σ for the detail); unset = t_max throughout (the reference)"})
+    t_max_anneal_kimg: tuple[float, float] = field(default=(0.0, 0.0), metadata={"help": "[start, end] kimg of the linear t_max → t_max_end ramp, e.g. 150,150 (start = end: a switch)"})
 
     def validate(self) -> None:
         require(self.sigma_init > 0, f"sigma_init must be > 0, got {self.sigma_init}")
@@ -51,6 +53,21 @@ class FakeScoreConfig:
         require(self.lr_decay_kimg >= 0, f"lr_decay_kimg must be >= 0 (0 = constant), got {self.lr_decay_kimg}")
         require(self.dropout is None or 0 <= self.dropout < 1,
                 f"dropout must be in [0, 1) (or unset to keep the teacher's), got {self.dropout}")
+        require(self.t_max_end is None or self.t_min * 1000 <= self.t_max_end <= 1000,
+                f"t_max_end must be in [t_min·1000, 1000] (or unset), got {self.t_max_end}")
+        a = tuple(self.t_max_anneal_kimg)
+        require(len(a) == 2 and 0 <= a[0] <= a[1], "t_max_anneal_kimg must be [start, end] kimg with "
+                f"0 <= start <= end, got {list(a)}")
+
+
+def annealed_t_max(kimg: float, t_max: float, t_max_end: float | None, start_kimg: float,
+                   end_kimg: float) -> float:
+    """t_max until ``start_kimg``, then linear to ``t_max_end`` at ``end_kimg``, then ``t_max_end``."""
+    if t_max_end is None or kimg <= start_kimg:
+        return t_max
+    if kimg >= end_kimg:
+        return t_max_end
+    return t_max + (t_max_end - t_max) * (kimg - start_kimg) / (end_kimg - start_kimg)
 
 
 def generator_sigma(n: int, t_min: float = 0.0, t_max: float = 800.0, *, device=None) -> torch.Tensor:
@@ -112,6 +129,7 @@ class FakeScoreMethod(Method):
         self.frozen = {"teacher": teacher}
         self.ema_net = "generator"
         self.data_info = data_info
+        self._kimg = 0.0  # images seen, set by begin_iteration (the t_max schedule follows it)
 
     @classmethod
     def create(cls, config, *, teacher: FewstepModel, dataset=None, init: FewstepModel | None = None):
@@ -147,7 +165,14 @@ class FakeScoreMethod(Method):
         ref = self.config.lr_decay_kimg * 1000
         return 1.0 if ref <= 0 else min(1.0, (ref / max(nimg, 1)) ** 0.5)
 
+    @property
+    def t_max_now(self) -> float:
+        """The generator's t_max at this iteration (``t_max`` unless annealed, see :func:`annealed_t_max`)."""
+        c = self.config
+        return annealed_t_max(self._kimg, c.t_max, c.t_max_end, *c.t_max_anneal_kimg)
+
     def begin_iteration(self, nimg: int, total_nimg: int) -> None:
+        self._kimg = nimg / 1000.0
         f = self.lr_factor(nimg)
         for name, lr in (("fake", self.config.lr_fake), ("generator", self.config.lr_g)):
             for g in self.optimizers[name].param_groups:
@@ -197,7 +222,10 @@ class FakeScoreMethod(Method):
                                          guided(self.fake, c.guidance_fake, k), labels)
         keep = finite_rows(x_g, info["y_real"], info["y_fake"])
         loss = per[keep].sum() * (c.loss_scale / self.batch_size)
-        return loss, {"nan_samples/generator": int((~keep).sum())}
+        info = {"nan_samples/generator": int((~keep).sum())}
+        if c.t_max_end is not None:  # the annealed σ range, in the stats
+            info["t_max"] = self.t_max_now
+        return loss, info
 
     def export_config(self) -> dict:
         from ..nets.build import net_config

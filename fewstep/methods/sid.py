@@ -126,8 +126,8 @@ class SiD(FakeScoreMethod):
         sigma = noise = None
         if c.antithetic:  # rows i and i + half share x_g and σ; their noises are ε and −ε
             n, half = x_g.shape[0], (x_g.shape[0] + 1) // 2
-            s = generator_sigma(half, c.t_min, c.t_max, device=x_g.device)
+            s = generator_sigma(half, c.t_min, self.t_max_now, device=x_g.device)
             e = torch.randn_like(x_g[:half])
             sigma, noise = s.repeat(2)[:n], torch.cat([e, -e])[:n]
-        return sid_generator_loss(x_g, teacher, fake, labels, alpha=c.alpha, t_min=c.t_min, t_max=c.t_max,
+        return sid_generator_loss(x_g, teacher, fake, labels, alpha=c.alpha, t_min=c.t_min, t_max=self.t_max_now,
                                   sigma=sigma, noise=noise, omega_pool=c.omega_pool)
