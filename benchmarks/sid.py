@@ -159,9 +159,8 @@ IMAGE_RUNS = {
                 "options": ()},
     "digits": {"data": "digits", "minutes": 28.0, "n": 1000, "eval_every": 6.0, "batch": 128, "lr": "5e-5",
                "options": ("--t-max-end", "500", "--t-max-anneal-kimg", "150,150")},
-    "digits-reference": {"data": "digits", "minutes": 28.0, "n": 1000, "eval_every": 6.0, "batch": 128,
-                         "lr": "5e-5", "options": ()},
 }
+IMAGE_RUNS["digits-reference"] = {**IMAGE_RUNS["digits"], "options": ()}
 EXTRA_SEEDS = (2, 3)  # FD at n = 1000 moves by ~0.1 between noise seeds: student and teacher at these seeds too
 
 

@@ -46,11 +46,18 @@ def _convert(tp, value, where: str):
             except (TypeError, ValueError, FewstepError):
                 continue
         raise FewstepError(f"config value {where}={value!r} does not match type {tp}")
-    if origin in (list, tuple) and isinstance(value, (list, tuple)):
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise FewstepError(f"config value {where} must be a list, got {value!r}")
+        fixed = origin is tuple and args and args[-1] is not Ellipsis
+        if fixed and len(value) != len(args):
+            raise FewstepError(f"config value {where} must be a list of {len(args)} values, got {list(value)!r}")
         inner = args[0] if args else Any
-        out = [_convert(inner, v, f"{where}[{i}]") for i, v in enumerate(value)]
+        out = [_convert(args[i] if fixed else inner, v, f"{where}[{i}]") for i, v in enumerate(value)]
         return tuple(out) if origin is tuple else out
-    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+    if tp is float:
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise FewstepError(f"config value {where} must be a number, got {value!r}")
         return float(value)
     if tp is int and isinstance(value, bool):
         raise FewstepError(f"config value {where} must be an integer, got {value!r}")

@@ -165,6 +165,19 @@ def test_bad_config_values_are_clear_errors():
         from fewstep.config import from_dict
 
         from_dict(TrainConfig, {"batchsize": 3})
+    from fewstep.config import from_dict
+    from fewstep.methods.sid import SiDConfig
+
+    # list-typed fields: a scalar, a wrong length or a non-number is named, not a TypeError from deep inside
+    with pytest.raises(FewstepError, match="t_max_anneal_kimg must be a list, got 150"):
+        from_dict(SiDConfig, {"t_max_anneal_kimg": 150})
+    with pytest.raises(FewstepError, match="betas must be a list of 2 values"):
+        from_dict(SiDConfig, {"betas": [0.0, 0.9, 0.999]})
+    with pytest.raises(FewstepError, match=r"t_max_anneal_kimg\[1\] must be a number"):
+        from_dict(SiDConfig, {"t_max_anneal_kimg": [100, "b"]})
+    with pytest.raises(FewstepError, match="lr_g must be a number"):
+        from_dict(SiDConfig, {"lr_g": "fast"})
+    assert from_dict(SiDConfig, {"betas": [0, 0.99], "t_max_anneal_kimg": [150, 150]}).betas == (0.0, 0.99)
 
 
 def _ddp_run(tmp_path, *args, timeout=300):
