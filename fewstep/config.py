@@ -49,7 +49,7 @@ def _convert(tp, value, where: str):
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
             raise FewstepError(f"config value {where} must be a list, got {value!r}")
-        fixed = origin is tuple and args and args[-1] is not Ellipsis
+        fixed = origin is tuple and bool(args) and args[-1] is not Ellipsis
         if fixed and len(value) != len(args):
             raise FewstepError(f"config value {where} must be a list of {len(args)} values, got {list(value)!r}")
         inner = args[0] if args else Any

@@ -157,17 +157,13 @@ def test_nonfinite_losses_are_skipped_and_counted_then_stop(tmp_path):
 
 
 def test_bad_config_values_are_clear_errors():
-    with pytest.raises(FewstepError, match="batch_size must be >= 1"):
-        from fewstep.config import from_dict
-
-        from_dict(TrainConfig, {"batch_size": 0})
-    with pytest.raises(FewstepError, match="unknown key"):
-        from fewstep.config import from_dict
-
-        from_dict(TrainConfig, {"batchsize": 3})
     from fewstep.config import from_dict
     from fewstep.methods.sid import SiDConfig
 
+    with pytest.raises(FewstepError, match="batch_size must be >= 1"):
+        from_dict(TrainConfig, {"batch_size": 0})
+    with pytest.raises(FewstepError, match="unknown key"):
+        from_dict(TrainConfig, {"batchsize": 3})
     # list-typed fields: a scalar, a wrong length or a non-number is named, not a TypeError from deep inside
     with pytest.raises(FewstepError, match="t_max_anneal_kimg must be a list, got 150"):
         from_dict(SiDConfig, {"t_max_anneal_kimg": 150})
