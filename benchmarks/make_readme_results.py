@@ -116,7 +116,8 @@ def sid_section(d: dict, results: Path) -> list[str]:
         if data not in shown:
             add(data, "teacher (Heun)", r.get("teacher_heun35"), part=name)
             shown.add(data)
-        add(data, "SiD student" + ("" if name == data else f" ({name})"), r.get("student_sid_1nfe"),
+        label = {"sid": "SiD", "sida": "SiDA"}.get(r.get("method", "sid"), r.get("method"))
+        add(data, f"{label} student" + ("" if name == data else f" ({name})"), r.get("student_sid_1nfe"),
             r.get("distill"), name)
     comp = d.get("compare")
     if isinstance(comp, dict):

@@ -154,3 +154,21 @@ def test_t_max_anneal_moves_the_generator_sigma_range_with_images_seen():
         SiDConfig(t_max_end=1200.0).validate()
     with pytest.raises(FewstepError, match="t_max_anneal_kimg"):
         SiDConfig(t_max_end=500.0, t_max_anneal_kimg=(200.0, 100.0)).validate()
+
+
+def test_a_student_as_init_starts_the_generator_and_the_fake_score_starts_from_the_teacher():
+    teacher = _teacher()
+    torch.manual_seed(5)
+    cfg = {"type": "generator", "net": NET, "precond": {"name": "edm", "sigma_data": 0.5},
+           "data": {"kind": "points", "sample_shape": [2], "num_classes": 0, "name": "8gaussians"},
+           "sampling": {"sampler": "one-step", "sigma_init": 2.5}}
+    student = FewstepModel(EDMPrecond(build_net(NET)), cfg)
+    assert student.is_generator
+    m = SiD.create(SiDConfig(), teacher=teacher, init=student)
+    same = lambda a, b: all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))  # noqa: E731
+    assert same(m.G, student.denoiser) and same(m.fake, teacher.denoiser)
+    assert not same(m.G, teacher.denoiser)
+    # a denoiser as init (an MLP for a weightless exact-mixture teacher) starts both networks
+    m2 = SiD.create(SiDConfig(), teacher=teacher, init=FewstepModel(student.denoiser, {**cfg, "type": "denoiser",
+                                                                                       "sampling": {}}))
+    assert same(m2.G, student.denoiser) and same(m2.fake, student.denoiser)

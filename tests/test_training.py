@@ -156,6 +156,35 @@ def test_nonfinite_losses_are_skipped_and_counted_then_stop(tmp_path):
                 tmp_path / "r2").run_training()
 
 
+class _ClipMethod(Method):
+    name = "clip-test"
+
+    def __init__(self, clip):
+        super().__init__(None)
+        self.p = torch.nn.Parameter(torch.zeros(3))
+        self.nets = {"p": torch.nn.ParameterList([self.p])}
+        self.clip = clip
+
+    def build_optimizers(self):
+        return {"p": torch.optim.SGD([self.p], lr=1.0)}
+
+    def loss(self, batch):  # gradient (100, 0.001, −100)
+        return (self.p * torch.tensor([100.0, 0.001, -100.0])).sum(), {}
+
+    def phases(self):
+        return [Phase("p", "p", self.loss, grad_clip_value=self.clip)]
+
+    def export_config(self):
+        return {}
+
+
+@pytest.mark.parametrize("clip, step", [(1.0, [-1.0, -0.001, 1.0]), (None, [-100.0, -0.001, 100.0])])
+def test_loop_clips_a_phase_gradient_element_wise(tmp_path, clip, step):
+    m = _ClipMethod(clip)
+    Trainer(m, _cfg(total_kimg=0.064, batch_size=64), tmp_path / "r").run_training()  # one SGD step, lr 1
+    torch.testing.assert_close(m.p.detach(), torch.tensor(step))
+
+
 def test_bad_config_values_are_clear_errors():
     from fewstep.config import from_dict
     from fewstep.methods.sid import SiDConfig

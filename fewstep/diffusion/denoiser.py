@@ -54,11 +54,29 @@ class EDMPrecond(nn.Module):
         return int(getattr(self.net, "num_classes", 0) or 0)
 
     def forward(self, x: torch.Tensor, sigma, labels: torch.Tensor | None = None) -> torch.Tensor:
+        return self._precond(x, sigma, labels, features=False)
+
+    def forward_with_features(self, x: torch.Tensor, sigma, labels: torch.Tensor | None = None):
+        """``(D(x, σ), encoder features)`` from one pass, for backbones with ``return_features``
+        (the UNet's down-path output; SiDA's discriminator reads it)."""
+        return self._precond(x, sigma, labels, features=True)
+
+    def encoder_features(self, x: torch.Tensor, sigma, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """The backbone's encoder features of ``c_in·x`` alone (no decoder pass)."""
+        sigma = as_sigma(sigma, x)
+        _, _, c_in, c_noise = edm_scalings(sigma, self.sigma_data)
+        return self.net.encoder_features(append_dims(c_in, x.ndim) * x, c_noise, labels)
+
+    def _precond(self, x, sigma, labels, *, features: bool):
         sigma = as_sigma(sigma, x)
         c_skip, c_out, c_in, c_noise = edm_scalings(sigma, self.sigma_data)
         nd = x.ndim
-        f = self.net(append_dims(c_in, nd) * x, c_noise, labels)
-        return append_dims(c_skip, nd) * x + append_dims(c_out, nd) * f.to(x.dtype)
+        if features:
+            f, feats = self.net(append_dims(c_in, nd) * x, c_noise, labels, return_features=True)
+        else:
+            f = self.net(append_dims(c_in, nd) * x, c_noise, labels)
+        d = append_dims(c_skip, nd) * x + append_dims(c_out, nd) * f.to(x.dtype)
+        return (d, feats) if features else d
 
 
 def edm_loss_weight(sigma: torch.Tensor, sigma_data: float = SIGMA_DATA) -> torch.Tensor:

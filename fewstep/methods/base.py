@@ -21,12 +21,14 @@ LossFn = Callable[[Any], "tuple[torch.Tensor, dict[str, float]]"]
 
 @dataclass
 class Phase:
-    """One update: ``loss(batch)`` is minimised by optimiser ``optimizer`` ``repeats`` times."""
+    """One update: ``loss(batch)`` is minimised by optimiser ``optimizer`` ``repeats`` times;
+    ``grad_clip_value`` clips each gradient element to ±value before the step (None: off)."""
 
     name: str
     optimizer: str
     loss: LossFn
     repeats: int = 1
+    grad_clip_value: float | None = None
 
 
 @dataclass

@@ -76,6 +76,16 @@ def generator_sigma(n: int, t_min: float = 0.0, t_max: float = 800.0, *, device=
     return karras_ramp(t)
 
 
+def generator_draws(x_g: torch.Tensor, sigma: torch.Tensor | None = None, noise: torch.Tensor | None = None,
+                    t_min: float = 0.0, t_max: float = 800.0):
+    """``(σ, ε)`` for a generator-loss batch: σ from :func:`generator_sigma` and ε ~ N(0, I), unless given."""
+    if sigma is None:
+        sigma = generator_sigma(x_g.shape[0], t_min, t_max, device=x_g.device)
+    if noise is None:
+        noise = torch.randn_like(x_g)
+    return sigma, noise
+
+
 def guided(den: nn.Module, scale: float, num_classes: int) -> nn.Module:
     """``den`` under classifier-free guidance ``scale`` (identity for unconditional nets or κ = 1)."""
     if num_classes <= 0 or scale == 1.0:
@@ -133,9 +143,15 @@ class FakeScoreMethod(Method):
 
     @classmethod
     def create(cls, config, *, teacher: FewstepModel, dataset=None, init: FewstepModel | None = None):
-        """Generator and fake score both start from the teacher's weights (or from ``init``)."""
+        """Generator and fake score both start from the teacher's weights (or from ``init``).
+
+        An ``init`` that is a one-step generator (a distilled student, e.g. SiD's for SiD²A)
+        starts the generator only: the fake score then starts from the teacher, as a score
+        network must (the reference's SiD²A does the same).
+        """
         G = initial_network(cls.name, teacher, init).train().requires_grad_(True)
-        fake = initial_network(cls.name, teacher, init).train().requires_grad_(True)
+        fake_init = None if init is not None and init.is_generator else init
+        fake = initial_network(cls.name, teacher, fake_init).train().requires_grad_(True)
         if config.dropout is not None:
             set_dropout(G, config.dropout)
             set_dropout(fake, config.dropout)

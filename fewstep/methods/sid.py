@@ -19,7 +19,7 @@ import torch
 from ..config import require
 from ..diffusion.denoiser import append_dims
 from .base import register_method
-from .fake_score import FakeScoreConfig, FakeScoreMethod, denoise_both, generator_sigma
+from .fake_score import FakeScoreConfig, FakeScoreMethod, denoise_both, generator_draws, generator_sigma
 
 
 def sid_weight(x_g: torch.Tensor, y_real: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
@@ -77,11 +77,7 @@ def sid_generator_loss(generator_out: torch.Tensor, teacher, fake, labels=None, 
     replaces each sample's ω by :func:`pooled_weight` over that many σ-adjacent samples.
     """
     x_g = generator_out
-    n = x_g.shape[0]
-    if sigma is None:
-        sigma = generator_sigma(n, t_min, t_max, device=x_g.device)
-    if noise is None:
-        noise = torch.randn_like(x_g)
+    sigma, noise = generator_draws(x_g, sigma, noise, t_min, t_max)
     y_real, y_fake = denoise_both(x_g, teacher, fake, labels, sigma, noise, through_networks=through_networks)
     weight = pooled_weight(sid_weight(x_g, y_real), sigma, omega_pool)
     loss = sid_loss(x_g, y_real, y_fake, alpha, weight)

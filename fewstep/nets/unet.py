@@ -211,8 +211,7 @@ class UNet(nn.Module):
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
 
-    def forward(self, x_in: torch.Tensor, c_noise: torch.Tensor,
-                labels: torch.Tensor | None = None) -> torch.Tensor:
+    def _encode(self, x_in: torch.Tensor, c_noise: torch.Tensor, labels):
         c = self.config
         u = c.pixel_unshuffle
         if x_in.ndim != 4 or x_in.shape[1] != c.in_channels:
@@ -230,6 +229,20 @@ class UNet(nn.Module):
         for blk in self.enc:
             h = blk(h, emb)
             skips.append(h)
+        return h, skips, emb
+
+    def encoder_features(self, x_in: torch.Tensor, c_noise: torch.Tensor,
+                         labels: torch.Tensor | None = None) -> torch.Tensor:
+        """The down path's output ``[N, C, h, w]`` (lowest resolution, before the middle blocks)."""
+        return self._encode(x_in, c_noise, labels)[0]
+
+    def forward(self, x_in: torch.Tensor, c_noise: torch.Tensor, labels: torch.Tensor | None = None, *,
+                return_features: bool = False):
+        """``F(x_in, c_noise)``; with ``return_features`` also the down path's output (see
+        :meth:`encoder_features`) from the same pass."""
+        u = self.config.pixel_unshuffle
+        h, skips, emb = self._encode(x_in, c_noise, labels)
+        feats = h
         for blk in self.mid:
             h = blk(h, emb)
         for blk in self.dec:
@@ -238,4 +251,5 @@ class UNet(nn.Module):
             else:
                 h = blk(torch.cat([h, skips.pop()], dim=1), emb)
         out = self.conv_out(F.silu(self.norm_out(h)))
-        return F.pixel_shuffle(out, u) if u > 1 else out
+        out = F.pixel_shuffle(out, u) if u > 1 else out
+        return (out, feats) if return_features else out

@@ -247,6 +247,8 @@ class Trainer:
                     torch.nan_to_num_(p.grad, nan=0.0, posinf=0.0, neginf=0.0)
             if bad:
                 self.nonfinite_grads += 1
+            if phase.grad_clip_value is not None:
+                torch.nn.utils.clip_grad_value_(params, phase.grad_clip_value)
             if self.cfg.grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
             opt.step()
