@@ -181,9 +181,10 @@ IMAGE_RUNS["digits-tmax-switch"] = {**IMAGE_RUNS["digits"], "lr": "5e-5",
 IMAGE_RUNS["digits-reference"] = {**IMAGE_RUNS["digits"], "lr": "5e-5", "options": ()}
 # "digits-sida": adversarial SiD (`fewstep distill sida`; it also reads the 1497 training images) on the same
 # budget. 28-minute trials (in-run FD, seed 0): the reference's weights (discriminator 1, GAN 1e-4 of SiD) with
-# its gradient clip and without it follow the same curve to 84 kimg (1.96, 1.93); without it the FD falls steadily
-# (0.98 at 216, 0.78 at 276, 0.756 at 288, 0.764 at 300) with no SiD-like turn upwards; a 100× discriminator and
-# 10× GAN weight is ahead early (2.13 vs 2.19 at 60 kimg) but levels off (0.92 from 240, 0.90 at 297).
+# its gradient clip and without it follow the same curve to ~120 kimg (1.54, 1.55); without it the FD falls
+# steadily (0.98 at 216, 0.78 at 276, 0.756 at 288, 0.764 at 300) with no SiD-like turn upwards, with it it falls
+# slower (1.04 at 210, 0.87 at 276: so the clip is off by default); a 100× discriminator and 10× GAN weight is ahead
+# early (2.13 vs 2.19 at 60 kimg) but levels off (with the clip 0.92 from 240, 0.90 at 297; without 0.90 at 276).
 IMAGE_RUNS["digits-sida"] = {**IMAGE_RUNS["digits"], "method": "sida", "lr": "5e-5", "options": ("--fake-grad-clip", "0")}
 EXTRA_SEEDS = (2, 3)  # FD at n = 1000 moves by ~0.1 between noise seeds: student and teacher at these seeds too
 
