@@ -207,8 +207,9 @@ class FakeScoreMethod(Method):
         per = edm_loss(fake, x_g, labels, p_mean=c.p_mean, p_std=c.p_std, reduce=False)
         return per.sum() * (c.loss_scale / n), {"nan_samples/fake": dropped}
 
-    def generator_step_inputs(self):
-        """A fresh generated batch x_g (with gradient into θ) and its labels."""
+    def generator_step_inputs(self, batch=None):
+        """A fresh generated batch x_g (with gradient into θ) and its labels (``batch``: the
+        iteration's data batch, for methods that read one)."""
         labels = self.draw_labels(self.batch_size)
         x_g = self.generate(self.batch_size, labels, grad=True)
         return x_g, labels
@@ -232,7 +233,7 @@ class FakeScoreMethod(Method):
     def generator_loss(self, batch):
         """Step 2: the method's loss on a fresh batch x_g; NaN samples dropped (and counted)."""
         c = self.config
-        x_g, labels = self.generator_step_inputs()
+        x_g, labels = self.generator_step_inputs(batch)
         k = self.data_info.num_classes
         per, info = self.per_sample_loss(x_g, guided(self.teacher, c.guidance_teacher, k),
                                          guided(self.fake, c.guidance_fake, k), labels)

@@ -108,9 +108,9 @@ class SiD(FakeScoreMethod):
     Config = SiDConfig
     summary = "Score identity Distillation (data-free, one step; the flagship)"
 
-    def generator_step_inputs(self):
+    def generator_step_inputs(self, batch=None):
         if not self.config.antithetic:
-            return super().generator_step_inputs()
+            return super().generator_step_inputs(batch)
         half = (self.batch_size + 1) // 2
         labels = self.draw_labels(half)
         x_g = self.generate(half, labels, grad=True)

@@ -137,7 +137,6 @@ class SiDA(SiD):
     Config = SiDAConfig
     uses_data = True
     summary = "Adversarial SiD (SiD + GAN on the fake network's encoder; uses real images)"
-    _batch_labels = None  # the real batch's labels, for the generator's batch (conditional teachers)
 
     @classmethod
     def create(cls, config, *, teacher, dataset=None, init=None):
@@ -184,19 +183,16 @@ class SiDA(SiD):
             acc = 0.5 * ((lr_ > 0).float().mean() + (lf < 0).float().mean())
         return loss, {"nan_samples/fake": dropped, "disc/bce": float(bce), "disc/accuracy": float(acc)}
 
-    def generator_step_inputs(self):
-        labels = self._batch_labels
+    def generator_step_inputs(self, batch=None):
+        """A fresh generated batch; a conditional teacher's labels are the real batch's (as in the reference)."""
+        labels = self._real(batch)[1] if batch is not None else None
         if labels is None:
             labels = self.draw_labels(self.batch_size)
         return self.generate(self.batch_size, labels, grad=True), labels
 
-    def generator_loss(self, batch):
-        self._batch_labels = self._real(batch)[1]
-        return super().generator_loss(batch)
-
     def per_sample_loss(self, x_g, teacher, fake, labels):
         c = self.config
-        sid, gan, info = sida_generator_loss(x_g, teacher, self.fake, labels, alpha=c.alpha, t_min=c.t_min,
+        sid, gan, info = sida_generator_loss(x_g, teacher, fake, labels, alpha=c.alpha, t_min=c.t_min,
                                              t_max=self.t_max_now)
         if self._kimg >= c.gan_start_kimg:
             return 0.5 * (sid + c.gan_weight * gan), info
