@@ -206,3 +206,29 @@ def test_cli_distils_a_digits_teacher_with_sida_and_names_its_errors(tmp_path, c
     capsys.readouterr()
     assert main(["distill", "sida", "--teacher", str(pts), "--out", str(tmp_path / "bad")]) != 0
     assert "UNet" in capsys.readouterr().err
+
+
+def test_a_conditional_teachers_generator_batch_carries_the_real_batchs_labels():
+    net = {**UNET, "num_classes": 3}
+    torch.manual_seed(0)
+    cfg = {"type": "denoiser", "net": net, "precond": {"name": "edm", "sigma_data": 0.5},
+           "data": {"kind": "images", "sample_shape": [1, 8, 8], "num_classes": 3, "name": "digits"}}
+    den = EDMPrecond(build_net(net))
+    with torch.no_grad():  # as _den: residual branches (and so the label embedding) start at zero
+        for p in den.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    data = _Data()
+    data.labels = torch.arange(64) % 3
+    m = SiDA.create(SiDAConfig(generator_start_kimg=1.0, gan_start_kimg=2.0),
+                    teacher=FewstepModel(den, cfg), dataset=data)
+    m.batch_size = 8
+    labels = torch.tensor([2, 2, 1, 0, 2, 1, 1, 0])
+    x_g, got = m.generator_step_inputs((data.x[:8], labels))
+    assert torch.equal(got, labels) and x_g.shape == (8, 1, 8, 8) and x_g.requires_grad
+    torch.manual_seed(5)
+    again, _ = m.generator_step_inputs((data.x[:8], labels))
+    torch.manual_seed(5)  # the same draw with other labels is another batch: the labels reach G
+    other, _ = m.generator_step_inputs((data.x[:8], torch.zeros(8, dtype=torch.long)))
+    assert not torch.allclose(again, other)
+    _, drawn = m.generator_step_inputs()  # no batch: labels are drawn, one per sample, in range
+    assert drawn.shape == (8,) and int(drawn.min()) >= 0 and int(drawn.max()) < 3
