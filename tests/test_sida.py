@@ -19,19 +19,20 @@ UNET = {"name": "unet", "img_resolution": 8, "model_channels": 8, "channel_mult"
         "mid_attn": False}
 
 
-def _den(seed=0):
+def _den(seed=0, net=UNET):
     torch.manual_seed(seed)
-    den = EDMPrecond(build_net(UNET))
+    den = EDMPrecond(build_net(net))
     with torch.no_grad():  # the UNet's residual branches start at zero: make them do something
         for p in den.parameters():
             p.add_(0.05 * torch.randn_like(p))
     return den
 
 
-def _teacher():
-    cfg = {"type": "denoiser", "net": UNET, "precond": {"name": "edm", "sigma_data": 0.5},
-           "data": {"kind": "images", "sample_shape": [1, 8, 8], "num_classes": 0, "name": "digits"}}
-    return FewstepModel(_den(), cfg)
+def _teacher(num_classes=0):
+    net = {**UNET, "num_classes": num_classes} if num_classes else UNET
+    cfg = {"type": "denoiser", "net": net, "precond": {"name": "edm", "sigma_data": 0.5},
+           "data": {"kind": "images", "sample_shape": [1, 8, 8], "num_classes": num_classes, "name": "digits"}}
+    return FewstepModel(_den(net=net), cfg)
 
 
 class _Data:
@@ -209,18 +210,10 @@ def test_cli_distils_a_digits_teacher_with_sida_and_names_its_errors(tmp_path, c
 
 
 def test_a_conditional_teachers_generator_batch_carries_the_real_batchs_labels():
-    net = {**UNET, "num_classes": 3}
-    torch.manual_seed(0)
-    cfg = {"type": "denoiser", "net": net, "precond": {"name": "edm", "sigma_data": 0.5},
-           "data": {"kind": "images", "sample_shape": [1, 8, 8], "num_classes": 3, "name": "digits"}}
-    den = EDMPrecond(build_net(net))
-    with torch.no_grad():  # as _den: residual branches (and so the label embedding) start at zero
-        for p in den.parameters():
-            p.add_(0.05 * torch.randn_like(p))
     data = _Data()
     data.labels = torch.arange(64) % 3
-    m = SiDA.create(SiDAConfig(generator_start_kimg=1.0, gan_start_kimg=2.0),
-                    teacher=FewstepModel(den, cfg), dataset=data)
+    m = SiDA.create(SiDAConfig(generator_start_kimg=1.0, gan_start_kimg=2.0), teacher=_teacher(num_classes=3),
+                    dataset=data)
     m.batch_size = 8
     labels = torch.tensor([2, 2, 1, 0, 2, 1, 1, 0])
     x_g, got = m.generator_step_inputs((data.x[:8], labels))
