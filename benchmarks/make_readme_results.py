@@ -163,11 +163,18 @@ def sid_section(d: dict, results: Path) -> list[str]:
                 "(criterion: at or below the teacher's): " + "; ".join(line(k, r) for k, r in images) + ".", ""]
     cost = d.get("cost")
     if isinstance(cost, dict) and cost:
+        bf16 = any("bf16_speedup_sid" in v for v in cost.values())
+        flags = next((v.get("cpu_bf16_instructions") for v in cost.values() if "cpu_bf16_instructions" in v), None)
         out += ["SiD iteration time as a multiple of one teacher-training step at the same batch "
-                "(`python benchmarks/sid.py --only cost`; the floor is about 3):", "",
-                _table(["data", "batch", "teacher step s", "SiD iteration s", "ratio"],
-                       [[k, v.get("batch"), _fmt(v.get("teacher_step_seconds")), _fmt(v.get("sid_iteration_seconds")),
-                         _fmt(v.get("ratio"))] for k, v in cost.items()]), ""]
+                "(`python benchmarks/sid.py --only cost`; the floor is about 3)"
+                + (", and the speed-up of `--precision bf16` (autocast) over fp32 on the same machine"
+                   f" (CPU bfloat16 instructions: {', '.join(flags) if flags else 'none'})" if bf16 else "") + ":", "",
+                _table(["data", "batch", "threads", "teacher step s", "SiD iteration s", "ratio"]
+                       + (["bf16 speed-up, teacher step", "bf16 speed-up, SiD iteration"] if bf16 else []),
+                       [[v.get("data", k), v.get("batch"), v.get("threads", "—"), _fmt(v.get("teacher_step_seconds")), _fmt(v.get("sid_iteration_seconds")),
+                         _fmt(v.get("ratio"))]
+                        + ([_fmt(v.get("bf16_speedup_teacher")), _fmt(v.get("bf16_speedup_sid"))] if bf16 else [])
+                        for k, v in cost.items()]), ""]
     if cmds:
         scripts = []
         for part, c in cmds.items():  # the mixture runs may come from several commands (one per preset)

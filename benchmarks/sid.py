@@ -181,6 +181,18 @@ def _pick(r: dict) -> dict:
 # exactly, 0.706 at 290 kimg) gave seeds 1/2/3 0.718 / 0.801 / 0.805, mean 0.775 against 0.757 for "digits":
 # better at the in-run seed 0, worse on the mean of the other three, so "digits" keeps its settings and the run
 # is kept as the ablation "digits-t-min".
+# 2026-12-01, later: where an iteration's time goes (torch profiler, batch 128, one core): convolutions 71% (fp32
+# at ~100 GFLOP/s, near this core's peak), dropout masks 7%, the rest norms and activations; torch.compile gained
+# nothing after 155 s of compiling. bf16 autocast (--precision bf16) is 1.4x faster per iteration at batch 128
+# alone, but in a 28-minute trial with --dropout 0, two runs at a time (0.58 s per iteration), the FD was 1.52 at
+# 48 kimg, 1.34 at 96, 1.13 at 150 (fp32 --dropout 0: 0.89 at 150): it learns much less per image (stopped);
+# "digits-bf16" is the "digits" run with only --precision bf16, as the benchmark: 0.56 s per iteration, 383 kimg
+# in the 28 minutes (fp32: 0.71 s, 303 kimg), FD seeds 1/2/3 0.749 / 0.911 / 0.882 (mean 0.847 against 0.757). The teacher's stochastic samples are
+# closer to the data than its ODE samples, so its score field leaves a one-step student room below the 35-NFE
+# teacher (FD at n = 1000, noise seed 0 / 1: Heun 18 steps 0.566 / 0.633, Heun 50 steps 0.535 / 0.578, ancestral
+# DDIM (η = 1) 100 steps 0.555 / 0.311, 400 steps 0.479 / 0.279). Trials on the "digits" settings:
+# --sigma-init 5 1.39 at 48 kimg (ahead), 1.13 at 96, 1.06 at 126 (behind: stopped); --alpha 1.0 1.61 at 48, 1.07
+# at 126 (stopped).
 IMAGE_RUNS = {
     "mnist5k": {"data": "mnist5k", "minutes": 28.0, "n": 1000, "eval_every": 20.0, "batch": 32, "lr": "5e-5",
                 "options": ()},
@@ -191,6 +203,7 @@ IMAGE_RUNS = {
 IMAGE_RUNS["digits-t-min"] = {**IMAGE_RUNS["digits"], "options": IMAGE_RUNS["digits"]["options"] + ("--t-min", "0.1")}
 IMAGE_RUNS["digits-t-min-no-dropout"] = {**IMAGE_RUNS["digits-t-min"],
                                          "options": IMAGE_RUNS["digits-t-min"]["options"] + ("--dropout", "0")}
+IMAGE_RUNS["digits-bf16"] = {**IMAGE_RUNS["digits"], "options": IMAGE_RUNS["digits"]["options"] + ("--precision", "bf16")}
 IMAGE_RUNS["digits-tmax-switch"] = {**IMAGE_RUNS["digits"], "lr": "5e-5",
                                     "options": ("--t-max-end", "500", "--t-max-anneal-kimg", "150,150")}
 IMAGE_RUNS["digits-reference"] = {**IMAGE_RUNS["digits"], "lr": "5e-5", "options": ()}
@@ -279,13 +292,16 @@ def bench_compare(data: str, minutes: float, batch: int, lr: str) -> dict:
 
 
 # ---- cost of one SiD iteration vs one teacher-training step --------------------------------------
-def bench_cost(data: str, batch: int, iters: int = 20) -> dict:
+def bench_cost(data: str, batch: int, iters: int = 20, repeats: int = 5) -> dict:
+    """Seconds per teacher-training step and per SiD iteration at one batch, in fp32 and under
+    ``--precision bf16`` (the loop's autocast), interleaved: the ratios are side by side."""
     import torch
 
     from fewstep.data import load_dataset
     from fewstep.methods.sid import SiD, SiDConfig
     from fewstep.model import load_model
     from fewstep.teachers.training import EDMTeacher, TeacherConfig
+    from fewstep.training.loop import autocast
 
     torch.set_num_threads(threads())
     teacher = load_model(SHIPPED / data)
@@ -296,37 +312,57 @@ def bench_cost(data: str, batch: int, iters: int = 20) -> dict:
     edm.optimizers = edm.build_optimizers()
     ds = load_dataset(data, split="train")
     x = ds.x[:batch]
+    cpu = torch.device("cpu")
 
-    def step_teacher():
+    def step_teacher(precision):
         opt = edm.optimizers["denoiser"]
         opt.zero_grad(set_to_none=True)
-        edm.loss((x, None))[0].backward()
+        with autocast(cpu, precision):
+            loss = edm.loss((x, None))[0]
+        loss.backward()
         opt.step()
 
-    def step_sid():
+    def step_sid(precision):
         for ph in sid.phases():
             opt = sid.optimizers[ph.optimizer]
             opt.zero_grad(set_to_none=True)
-            ph.loss(None)[0].backward()
+            with autocast(cpu, precision):
+                loss = ph.loss(None)[0]
+            loss.backward()
             opt.step()
 
-    def timeit(fn):
+    def timeit(fn, precision):
         for _ in range(3):
-            fn()
+            fn(precision)
         t0 = time.perf_counter()
         for _ in range(iters):
-            fn()
+            fn(precision)
         return (time.perf_counter() - t0) / iters
 
-    t_teacher, t_sid = [], []
-    for _ in range(3):  # interleaved repeats, median
-        t_teacher.append(timeit(step_teacher))
-        t_sid.append(timeit(step_sid))
-    med = lambda v: sorted(v)[len(v) // 2]  # noqa: E731
-    return {"data": data, "batch": batch, "iterations_timed": iters * 3, "teacher_step_seconds": med(t_teacher),
-            "sid_iteration_seconds": med(t_sid), "ratio": med(t_sid) / med(t_teacher),
+    times = {(what, p): [] for what in ("teacher", "sid") for p in ("fp32", "bf16")}
+    for _ in range(repeats):  # interleaved repeats, median (this machine's speed drifts by ~20% over minutes)
+        for (what, p), v in times.items():
+            v.append(timeit(step_teacher if what == "teacher" else step_sid, p))
+    med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    return {"data": data, "batch": batch, "threads": threads(), "iterations_timed": iters * repeats,
+            "teacher_step_seconds": med["teacher", "fp32"], "sid_iteration_seconds": med["sid", "fp32"],
+            "ratio": med["sid", "fp32"] / med["teacher", "fp32"],
+            "teacher_step_seconds_bf16": med["teacher", "bf16"], "sid_iteration_seconds_bf16": med["sid", "bf16"],
+            "bf16_speedup_teacher": med["teacher", "fp32"] / med["teacher", "bf16"],
+            "bf16_speedup_sid": med["sid", "fp32"] / med["sid", "bf16"],
+            "cpu_bf16_instructions": cpu_bf16_flags(),
             "note": "SiD iteration = fake-score update (G forward + fake forward/backward) + generator update "
-                    "(G, teacher and fake forward, backward through all three); floor ≈ 3 teacher steps"}
+                    "(G, teacher and fake forward, backward through all three); floor ≈ 3 teacher steps. "
+                    "bf16 = --precision bf16 (torch.autocast; weights, optimiser and loss arithmetic fp32)"}
+
+
+def cpu_bf16_flags() -> list[str]:
+    """The CPU's bfloat16 instruction sets (bf16 autocast is only faster with them)."""
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return []
+    return sorted(f for f in flags.split(":", 1)[1].split() if "bf16" in f or f.startswith("amx"))
 
 
 def main() -> None:
@@ -360,7 +396,10 @@ def main() -> None:
         elif part == "compare":
             results["compare"] = bench_compare(args.compare_data, args.minutes or 5.0, batch=32, lr="5e-5")
         elif part == "cost":
-            results["cost"] = {d: bench_cost(d, 32) for d in ("digits", "mnist5k") if (SHIPPED / d).is_dir()}
+            cost = {d: bench_cost(d, 32) for d in ("digits", "mnist5k") if (SHIPPED / d).is_dir()}
+            if (SHIPPED / "digits").is_dir():  # also at the digits benchmark's own batch
+                cost["digits-batch128"] = bench_cost("digits", 128, iters=10)
+            results["cost"] = cost
         part_result = results[part]
         results = json.loads(path.read_text()) if path.is_file() else {}  # merge: other parts may have run meanwhile
         cmd = (f"FEWSTEP_THREADS={threads()} " if threads() != 2 else "") + f"python benchmarks/sid.py --only {part}" \

@@ -45,8 +45,9 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, title: str,
                                metavar="JSON", help=helptext)
         else:
             conv = {int: int, float: float}.get(tp, str)
-            group.add_argument(_flag(f.name), dest=f.name, type=conv, default=None,
-                               metavar=tp.__name__.upper() if hasattr(tp, "__name__") else "VALUE",
+            choices = f.metadata.get("choices")
+            group.add_argument(_flag(f.name), dest=f.name, type=conv, default=None, choices=choices,
+                               metavar=None if choices else tp.__name__.upper() if hasattr(tp, "__name__") else "VALUE",
                                help=helptext)
 
 

@@ -185,6 +185,41 @@ def test_loop_clips_a_phase_gradient_element_wise(tmp_path, clip, step):
     torch.testing.assert_close(m.p.detach(), torch.tensor(step))
 
 
+class _DtypeMethod(Method):
+    """Records the dtype the loss's matmul ran in."""
+
+    name = "dtype-test"
+
+    def __init__(self):
+        super().__init__(None)
+        self.w = torch.nn.Linear(4, 4)
+        self.nets = {"w": self.w}
+        self.seen = []
+
+    def build_optimizers(self):
+        return {"w": torch.optim.SGD(self.w.parameters(), lr=0.1)}
+
+    def loss(self, batch):
+        y = self.w(torch.ones(3, 4))
+        self.seen.append(y.dtype)
+        return y.float().pow(2).sum(), {}
+
+    def phases(self):
+        return [Phase("w", "w", self.loss)]
+
+    def export_config(self):
+        return {}
+
+
+@pytest.mark.parametrize("precision, dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16)])
+def test_precision_runs_the_losses_matmuls_in_bf16_and_keeps_weights_and_grads_fp32(tmp_path, precision, dtype):
+    m = _DtypeMethod()
+    Trainer(m, _cfg(total_kimg=0.192, batch_size=64, precision=precision), tmp_path / "r").run_training()
+    assert m.seen == [dtype] * 3
+    assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in m.w.parameters())
+    assert not torch.is_autocast_enabled("cpu")  # the context ends with the phase
+
+
 def test_bad_config_values_are_clear_errors():
     from fewstep.config import from_dict
     from fewstep.methods.sid import SiDConfig
@@ -193,6 +228,8 @@ def test_bad_config_values_are_clear_errors():
         from_dict(TrainConfig, {"batch_size": 0})
     with pytest.raises(FewstepError, match="unknown key"):
         from_dict(TrainConfig, {"batchsize": 3})
+    with pytest.raises(FewstepError, match="precision must be one of fp32, bf16, got 'fp16'"):
+        from_dict(TrainConfig, {"precision": "fp16"})
     # list-typed fields: a scalar, a wrong length or a non-number is named, not a TypeError from deep inside
     with pytest.raises(FewstepError, match="t_max_anneal_kimg must be a list, got 150"):
         from_dict(SiDConfig, {"t_max_anneal_kimg": 150})
