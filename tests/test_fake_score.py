@@ -177,10 +177,11 @@ def test_a_student_as_init_starts_the_generator_and_the_fake_score_starts_from_t
 def test_bf16_autocast_sid_generator_gradient_agrees_with_fp32():
     """``--precision bf16``: the SiD generator gradient (through G, teacher and fake) of the shipped
     digits teacher, with a fake score moved off the teacher, points the way the fp32 one does."""
+    from fewstep.demo import shipped_teacher
     from fewstep.methods.sid import sid_generator_loss
     from fewstep.model import load_model, one_step_generate
 
-    m = SiD.create(SiDConfig(dropout=0.0), teacher=load_model("fewstep/assets/teachers/digits"))
+    m = SiD.create(SiDConfig(dropout=0.0), teacher=load_model(shipped_teacher("digits")))
     torch.manual_seed(1)
     with torch.no_grad():  # f_ψ ≠ f_φ: weights moved by 2% of their size
         for p in m.fake.parameters():
