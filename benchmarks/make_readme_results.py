@@ -171,8 +171,8 @@ def sid_section(d: dict, results: Path) -> list[str]:
                    f" (CPU bfloat16 instructions: {', '.join(flags) if flags else 'none'})" if bf16 else "") + ":", "",
                 _table(["data", "batch", "threads", "teacher step s", "SiD iteration s", "ratio"]
                        + (["bf16 speed-up, teacher step", "bf16 speed-up, SiD iteration"] if bf16 else []),
-                       [[v.get("data", k), v.get("batch"), v.get("threads", "—"), _fmt(v.get("teacher_step_seconds")), _fmt(v.get("sid_iteration_seconds")),
-                         _fmt(v.get("ratio"))]
+                       [[v.get("data", k), v.get("batch"), v.get("threads", "—"), _fmt(v.get("teacher_step_seconds")),
+                         _fmt(v.get("sid_iteration_seconds")), _fmt(v.get("ratio"))]
                         + ([_fmt(v.get("bf16_speedup_teacher")), _fmt(v.get("bf16_speedup_sid"))] if bf16 else [])
                         for k, v in cost.items()]), ""]
     if cmds:
