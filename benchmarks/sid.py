@@ -204,6 +204,21 @@ IMAGE_RUNS["digits-t-min"] = {**IMAGE_RUNS["digits"], "options": IMAGE_RUNS["dig
 IMAGE_RUNS["digits-t-min-no-dropout"] = {**IMAGE_RUNS["digits-t-min"],
                                          "options": IMAGE_RUNS["digits-t-min"]["options"] + ("--dropout", "0")}
 IMAGE_RUNS["digits-bf16"] = {**IMAGE_RUNS["digits"], "options": IMAGE_RUNS["digits"]["options"] + ("--precision", "bf16")}
+# 2026-12-01, last: the reference runs its fake score in eval mode (dropout off) inside the generator loss and
+# samples the fake score's training batch with G in eval mode; fewstep ran both in train mode, so with the
+# teacher's dropout 0.1 y_r − y_f carried the fake network's dropout noise. On the "digits" settings (28 minutes,
+# one core; FD at n = 1000 for noise seeds 1/2/3, and of 5000 samples against all 1497 images, where the teacher's
+# 35-NFE FD is 0.413 with 3000 samples; in brackets the "digits" run's in-run FD at seed 0):
+# both reference modes (run as the benchmark) in-run 1.032 at 120 kimg (0.941), 0.708 at 305 (0.738), seeds
+# 0.917 / 0.848 / 0.962, 5000 samples 0.642; the fake score in eval mode only (--fake-eval; G in train mode, so
+# the fake score learns the x_g the generator loss sees) in-run 0.871 at 120 kimg (0.941), 0.689 at 216 (0.794),
+# 0.568 at 312 (the teacher there: 0.566), seeds 0.704 / 0.821 / 0.802 (mean 0.776), 5000 samples 0.584;
+# "digits" itself 0.608 with 5000 samples, and re-run with --seed 1 seeds 0.728 / 0.843 / 0.998 (mean 0.856):
+# the training seed alone moves the seed mean by 0.1. A student's FD also moves by up to 0.3 between noise
+# seeds (the --fake-eval student: 0.57 at seed 0, 0.82 at seed 2), so the in-run curve at seed 0 ranks settings
+# poorly. --fake-eval is kept as the ablation "digits-fake-eval" (the default stays train mode until the
+# benchmarks are re-run with it).
+IMAGE_RUNS["digits-fake-eval"] = {**IMAGE_RUNS["digits"], "options": IMAGE_RUNS["digits"]["options"] + ("--fake-eval",)}
 IMAGE_RUNS["digits-tmax-switch"] = {**IMAGE_RUNS["digits"], "lr": "5e-5",
                                     "options": ("--t-max-end", "500", "--t-max-anneal-kimg", "150,150")}
 IMAGE_RUNS["digits-reference"] = {**IMAGE_RUNS["digits"], "lr": "5e-5", "options": ()}

@@ -6,6 +6,7 @@ from fewstep.diffusion.denoiser import EDMPrecond, karras_sigmas
 from fewstep.diffusion.samplers import heun
 from fewstep.errors import FewstepError
 from fewstep.methods.dmd import DMD, DMDConfig
+from fewstep.methods.fake_score import set_dropout
 from fewstep.methods.sid import SiD, SiDConfig
 from fewstep.model import FewstepModel
 from fewstep.nets import build_net
@@ -78,15 +79,20 @@ def test_lr_decay_is_constant_then_inverse_sqrt_for_both_networks():
         SiDConfig(lr_decay_kimg=-1.0).validate()
 
 
-def test_dropout_option_overrides_generator_and_fake_but_not_the_teacher():
+def _dropout_teacher(rate: float = 0.3) -> FewstepModel:
     torch.manual_seed(0)
-    net = {**NET, "dropout": 0.3}
+    net = {**NET, "dropout": rate}
     cfg = {"type": "denoiser", "net": net, "precond": {"name": "edm", "sigma_data": 0.5},
            "data": {"kind": "points", "sample_shape": [2], "num_classes": 0, "name": "8gaussians"}}
     teacher = FewstepModel(EDMPrecond(build_net(net)), cfg)
     with torch.no_grad():  # away from the zero-initialised output layer, so dropout shows in the output
         for p in teacher.denoiser.parameters():
             p.normal_(0, 0.5)
+    return teacher
+
+
+def test_dropout_option_overrides_generator_and_fake_but_not_the_teacher():
+    teacher = _dropout_teacher()
 
     def rates(module):
         return {m.p for m in module.modules() if isinstance(m, torch.nn.Dropout)}
@@ -100,6 +106,35 @@ def test_dropout_option_overrides_generator_and_fake_but_not_the_teacher():
     assert not torch.equal(kept.G(x, s), kept.G(x, s))
     with pytest.raises(FewstepError, match="dropout"):
         SiDConfig(dropout=1.0).validate()
+
+
+@pytest.mark.parametrize("fake_eval", [False, True])
+def test_fake_eval_puts_the_fake_score_in_eval_mode_inside_the_generator_loss_only(fake_eval):
+    """G trains and samples in train mode; f_ψ trains with dropout, and with --fake-eval (the reference's
+    mode) runs without it inside the generator loss, like the teacher."""
+    m = SiD.create(SiDConfig(fake_eval=fake_eval), teacher=_dropout_teacher())
+    m.batch_size = 32
+    m.optimizers = m.build_optimizers()
+    seen = []
+    hooks = [net.register_forward_pre_hook(lambda mod, args, name=name: seen.append((name, mod.training)))
+             for name, net in (("G", m.G), ("fake", m.fake))]
+    phases = {p.name: p for p in m.phases()}
+    phases["fake"].loss(None)
+    assert seen == [("G", True), ("fake", True)]
+    seen.clear()
+    phases["generator"].loss(None)
+    assert seen == [("G", True), ("fake", not fake_eval)]
+    for h in hooks:
+        h.remove()
+    assert m.G.training and m.fake.training  # restored after each phase
+
+    # with --fake-eval the generator loss does not depend on the fake score's dropout rate
+    torch.manual_seed(1)
+    with_dropout = phases["generator"].loss(None)[0]
+    set_dropout(m.fake, 0.0)
+    torch.manual_seed(1)
+    without = phases["generator"].loss(None)[0]
+    assert torch.equal(without, with_dropout) == fake_eval
 
 
 def test_antithetic_pairs_share_x_g_and_sigma_with_opposite_noise():

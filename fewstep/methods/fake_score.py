@@ -8,6 +8,7 @@ loss. Subclasses only write that generator loss.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -42,6 +43,7 @@ class FakeScoreConfig:
     dropout: float | None = field(default=None, metadata={"help": "dropout rate of the generator and the fake score while they train; unset keeps the rate the teacher was trained with (the reference)"})
     t_max_end: float | None = field(default=None, metadata={"help": "anneal the generator's t_max to this value (large σ first for the layout, then small σ for the detail); unset = t_max throughout (the reference)"})
     t_max_anneal_kimg: tuple[float, float] = field(default=(0.0, 0.0), metadata={"help": "[start, end] kimg of the linear t_max → t_max_end ramp, e.g. 150,150 (start = end: a switch)"})
+    fake_eval: bool = field(default=False, metadata={"help": "run the fake score in eval mode (dropout off, like the teacher) inside the generator loss, as the reference does; off (default for now): train mode, which the committed benchmarks ran"})
 
     def validate(self) -> None:
         require(self.sigma_init > 0, f"sigma_init must be > 0, got {self.sigma_init}")
@@ -115,6 +117,17 @@ def finite_rows(*tensors: torch.Tensor) -> torch.Tensor:
     return mask
 
 
+@contextlib.contextmanager
+def eval_mode(net: nn.Module):
+    """``net`` in eval mode (dropout off) inside the block, its previous mode restored after."""
+    was = net.training
+    net.eval()
+    try:
+        yield net
+    finally:
+        net.train(was)
+
+
 def set_dropout(net: nn.Module, p: float) -> None:
     """Set the rate of every dropout layer of ``net`` to ``p`` (weights untouched)."""
     for m in net.modules():
@@ -166,7 +179,9 @@ class FakeScoreMethod(Method):
         return torch.randint(0, k, (n,), device=self.device) if k > 0 else None
 
     def generate(self, n: int, labels=None, *, grad: bool) -> torch.Tensor:
-        """x_g = G(σ_init·z, σ_init)."""
+        """x_g = G(σ_init·z, σ_init) (G in train mode: the fake score learns the distribution of the
+        x_g that the generator loss sees; the reference samples this batch in eval mode, which was
+        worse in a digits trial, see benchmarks/sid.py)."""
         z = torch.randn((n,) + tuple(self.data_info.sample_shape), device=self.device)
         with torch.set_grad_enabled(grad):
             return one_step_generate(self.G, z, self.config.sigma_init, labels)
@@ -219,10 +234,12 @@ class FakeScoreMethod(Method):
                 Phase("generator", "generator", self._generator_phase)]
 
     def _generator_phase(self, batch):
-        # only θ is updated: no parameter gradients for f_ψ (its input gradient still flows)
+        # only θ is updated: no parameter gradients for f_ψ (its input gradient still flows);
+        # --fake-eval: f_ψ in eval mode, like the frozen teacher, so y_r − y_f carries no dropout noise
         self.fake.requires_grad_(False)
         try:
-            return self.generator_loss(batch)
+            with eval_mode(self.fake) if self.config.fake_eval else contextlib.nullcontext():
+                return self.generator_loss(batch)
         finally:
             self.fake.requires_grad_(True)
 
