@@ -188,9 +188,10 @@ def _pick(r: dict) -> dict:
 # iteration), the FD was 1.52 at 48 kimg, 1.34 at 96, 1.13 at 150 (fp32 --dropout 0: 0.89 at 150): it learns much
 # less per image (stopped); "digits-bf16" is the "digits" run with only --precision bf16, as the benchmark: 0.56 s
 # per iteration, 383 kimg in the 28 minutes (fp32: 0.71 s, 303 kimg), FD seeds 1/2/3 0.749 / 0.911 / 0.882 (mean
-# 0.847 against 0.757). The teacher's stochastic samples are closer to the data than its ODE samples, so its score field leaves a one-step student room below the 35-NFE
-# teacher (FD at n = 1000, noise seed 0 / 1: Heun 18 steps 0.566 / 0.633, Heun 50 steps 0.535 / 0.578, ancestral
-# DDIM (η = 1) 100 steps 0.555 / 0.311, 400 steps 0.479 / 0.279). Trials on the "digits" settings:
+# 0.847 against 0.757). The teacher's stochastic samples are closer to the data than its ODE samples, so its
+# score field leaves a one-step student room below the 35-NFE teacher (FD at n = 1000, noise seed 0 / 1: Heun 18
+# steps 0.566 / 0.633, Heun 50 steps 0.535 / 0.578, ancestral DDIM (η = 1) 100 steps 0.555 / 0.311, 400 steps
+# 0.479 / 0.279). Trials on the "digits" settings:
 # --sigma-init 5 1.39 at 48 kimg (ahead), 1.13 at 96, 1.06 at 126 (behind: stopped); --alpha 1.0 1.61 at 48, 1.07
 # at 126 (stopped).
 IMAGE_RUNS = {
