@@ -150,6 +150,7 @@ def sid_section(d: dict, results: Path) -> list[str]:
             seeds = ("; student vs teacher by noise seed " + ", ".join(
                 f"{k}: {_fmt(v['student_sid_1nfe'])} vs {_fmt(v['teacher_heun35'])}" for k, v in by_seed.items())
                 + f" — at or below the teacher at {r.get('student_at_or_below_teacher_seeds')} of {len(by_seed)}"
+                + (f", {r['fd_by_seed_provenance']}" if r.get("fd_by_seed_provenance") else "")
                 ) if by_seed else ""
             prov = f" [{r['provenance']}]" if r.get("provenance") else ""
             return (f"{name}{prov}: student {_fmt(s[key])} vs teacher {_fmt(t[key])} "

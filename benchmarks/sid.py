@@ -7,6 +7,7 @@
     FEWSTEP_THREADS=1 python benchmarks/sid.py --only digits-sida   # adversarial SiD (reads real images), same budget
     python benchmarks/sid.py --only compare      # SiD vs Diff-Instruct vs DMD, equal wall-clock, one table
     python benchmarks/sid.py --only cost         # SiD iteration time / teacher-training step, same batch
+    python benchmarks/sid.py --only seeds --runs mnist5k   # a committed student vs its teacher at noise seeds 1-3
     python benchmarks/sid_mixture_diagnosis.py --preset grid25   # after the mixture part: why a student misses
 
 Every number states NFE, sample count and wall-clock; results go to
@@ -244,16 +245,12 @@ def bench_images(name: str, minutes: float) -> dict:
     teacher = _eval(SHIPPED / data, n, sampler="heun", steps=18)
     student = _eval(run, n)
     fd_key = next(k for k in teacher if k.startswith("fd_") and "floor" not in k)
-    seeds = {str(seed): {"teacher_heun35": _eval(SHIPPED / data, n, seed=seed, sampler="heun", steps=18)[fd_key],
-                         "student_sid_1nfe": _eval(run, n, seed=seed)[fd_key]} for seed in EXTRA_SEEDS}
-    seeds["1"] = {"teacher_heun35": teacher[fd_key], "student_sid_1nfe": student[fd_key]}
+    seeds = fd_by_seed(data, run, n, fd_key, teacher[fd_key], student[fd_key])
     curve, plot, teacher_seed0 = plot_curve(name, data, run, n, fd_key, method)
     res = {"data": data, "method": method, "distill": info, "n_samples": n, "teacher_heun35": _pick(teacher),
            "student_sid_1nfe": _pick(student), "fd_key": fd_key,
            "student_fd_at_or_below_teacher": student[fd_key] <= teacher[fd_key],
-           "fd_by_seed": dict(sorted(seeds.items())),
-           "student_at_or_below_teacher_seeds": sum(v["student_sid_1nfe"] <= v["teacher_heun35"]
-                                                     for v in seeds.values()),
+           "fd_by_seed": seeds, "student_at_or_below_teacher_seeds": seeds_at_or_below(seeds),
            "throughput_ratio_student_over_teacher": student["samples_per_second"] / teacher["samples_per_second"],
            "curve": [{"kimg": r["kimg"], "train_seconds": r["train_seconds"], fd_key: r[fd_key]} for r in curve],
            "curve_seed": 0, "teacher_heun35_at_curve_seed": _pick(teacher_seed0),
@@ -262,6 +259,35 @@ def bench_images(name: str, minutes: float) -> dict:
            else _ship_student(run, f"{method}-{data}") if method != "sid" else None}
     print(json.dumps({k: v for k, v in res.items() if k != "curve"}, indent=1), flush=True)
     return res
+
+
+def fd_by_seed(data: str, student, n: int, fd_key: str, teacher_seed1: float, student_seed1: float) -> dict:
+    """FD of the teacher (35-NFE Heun) and of the one-step student at noise seed 1 (given) and at EXTRA_SEEDS."""
+    seeds = {str(seed): {"teacher_heun35": _eval(SHIPPED / data, n, seed=seed, sampler="heun", steps=18)[fd_key],
+                         "student_sid_1nfe": _eval(student, n, seed=seed)[fd_key]} for seed in EXTRA_SEEDS}
+    seeds["1"] = {"teacher_heun35": teacher_seed1, "student_sid_1nfe": student_seed1}
+    return dict(sorted(seeds.items()))
+
+
+def seeds_at_or_below(seeds: dict) -> int:
+    return sum(v["student_sid_1nfe"] <= v["teacher_heun35"] for v in seeds.values())
+
+
+def reevaluate_seeds(results: dict, name: str) -> dict:
+    """An image run committed before the extra noise seeds were measured: its committed student and the
+    teacher at EXTRA_SEEDS (seed 1 re-measured too, and checked against the committed numbers)."""
+    r = results[name]
+    if not r.get("student_checkpoint"):
+        raise SystemExit(f"{name}: no committed student to re-evaluate")
+    data, n, key = r.get("data", IMAGE_RUNS[name]["data"]), r["n_samples"], r["fd_key"]
+    teacher = _eval(SHIPPED / data, n, sampler="heun", steps=18)[key]
+    student = _eval(ROOT / r["student_checkpoint"], n)[key]
+    seeds = fd_by_seed(data, ROOT / r["student_checkpoint"], n, key, teacher, student)
+    print(json.dumps({"seed 1 now": [teacher, student], "seed 1 committed":
+                      [r["teacher_heun35"][key], r["student_sid_1nfe"][key]], "by seed": seeds}, indent=1), flush=True)
+    return {**r, "fd_by_seed": seeds, "student_at_or_below_teacher_seeds": seeds_at_or_below(seeds),
+            "fd_by_seed_provenance": f"noise seeds measured on {time.strftime('%Y-%m-%d')} from the committed "
+                                     f"student by `python benchmarks/sid.py --only seeds --runs {name}`"}
 
 
 def plot_curve(name: str, data: str, run: Path, n: int, fd_key: str, method: str = "sid"):
@@ -384,7 +410,10 @@ def cpu_bf16_flags() -> list[str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", nargs="*", default=["mixture", "cost", "compare", "mnist5k"],
-                    choices=["mixture", *IMAGE_RUNS, "compare", "cost"])
+                    choices=["mixture", *IMAGE_RUNS, "compare", "cost", "seeds"])
+    ap.add_argument("--runs", nargs="*", default=["mnist5k"],
+                    help="seeds part: committed image runs whose student and teacher to re-evaluate at noise "
+                         "seeds 1, 2, 3 (runs from before those seeds were measured)")
     ap.add_argument("--minutes", type=float, default=None, help="override each run's wall-clock budget")
     ap.add_argument("--presets", nargs="*", default=list(MIXTURE_RUNS), choices=list(MIXTURE_RUNS),
                     help="mixture part: which runs (separate processes may run one each; results merge)")
@@ -411,6 +440,13 @@ def main() -> None:
             results[part] = bench_images(part, args.minutes or IMAGE_RUNS[part]["minutes"])
         elif part == "compare":
             results["compare"] = bench_compare(args.compare_data, args.minutes or 5.0, batch=32, lr="5e-5")
+        elif part == "seeds":
+            seeded = {name: reevaluate_seeds(results, name) for name in args.runs}
+            results = json.loads(path.read_text()) if path.is_file() else {}
+            results.update(seeded)
+            write_json("sid.json", results)
+            print(f"seeds: {time.time() - t0:.0f}s", flush=True)
+            continue
         elif part == "cost":
             cost = {d: bench_cost(d, 32) for d in ("digits", "mnist5k") if (SHIPPED / d).is_dir()}
             if (SHIPPED / "digits").is_dir():  # also at the digits benchmark's own batch

@@ -48,6 +48,22 @@ def test_distill_sample_eval(method, teacher_run, tmp_path, capsys):
     assert (out / "samples" / "final.png").is_file() and (out / "metrics.jsonl").is_file()
 
 
+def test_eval_over_several_noise_seeds(teacher_run, tmp_path, capsys):
+    common = ["eval", str(teacher_run), "--n", "200", "--sampler", "heun", "--steps", "4"]
+    capsys.readouterr()
+    assert main(common + ["--seeds", "1", "2", "3", "--json", str(tmp_path / "m.json")]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["seeds"] == [1, 2, 3] and res["nfe"] == 7 and res["n_samples"] == 200
+    ll = [res["by_seed"][s]["log_likelihood"] for s in ("1", "2", "3")]
+    assert len(set(ll)) == 3  # the seeds draw different noise
+    assert res["mean"]["log_likelihood"] == pytest.approx(float(np.mean(ll)), rel=1e-12)
+    assert res["std"]["log_likelihood"] == pytest.approx(float(np.std(ll, ddof=1)), rel=1e-9)
+    assert json.loads((tmp_path / "m.json").read_text())["seeds"] == [1, 2, 3]
+    assert main(common + ["--seed", "2"]) == 0  # a seed of the set, alone: the same numbers
+    assert json.loads(capsys.readouterr().out)["log_likelihood"] == res["by_seed"]["2"]["log_likelihood"]
+    assert "distinct" in _err(common + ["--seeds", "1", "1"], capsys)
+
+
 def test_sid_from_exact_mixture_teacher_needs_and_uses_init(teacher_run, tmp_path, capsys):
     out = tmp_path / "mix"
     assert main(["distill", "sid", "--teacher", "mixture:ring8", "--out", str(out), "--total-kimg", "0.3",
