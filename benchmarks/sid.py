@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import sys
 import time
@@ -104,8 +105,8 @@ def bench_mixture(minutes: float, presets=tuple(MIXTURE_RUNS)) -> dict:
             "mixture": mixture, "distill": info, "n_samples": n,
             "teacher_exact_heun35": _pick(teacher), "student_sid_1nfe": _pick(student),
             "init_mlp_teacher_heun35": _pick(init),
-            "loglik_gap_nats": gap, "likelihood_ratio": float(__import__("math").exp(gap)),
-            "within_5pct": abs(gap) <= __import__("math").log(1 + LIKELIHOOD_TOLERANCE),
+            "loglik_gap_nats": gap, "likelihood_ratio": float(math.exp(gap)),
+            "within_5pct": abs(gap) <= math.log(1 + LIKELIHOOD_TOLERANCE),
             "all_modes_covered": student["mode_coverage"] == 1.0,
             "student_checkpoint": _ship_student(run, f"sid-{preset}") if preset == mixture else None,
             "curve": [{"kimg": r["kimg"], "train_seconds": r["train_seconds"], "log_likelihood": r["log_likelihood"],
@@ -125,7 +126,7 @@ def plot_mixture_curve(preset: str, res: dict) -> str:
 
     xs = [r["kimg"] for r in res["curve"]]
     t = res["teacher_exact_heun35"]["log_likelihood"]
-    band = __import__("math").log(1 + LIKELIHOOD_TOLERANCE)
+    band = math.log(1 + LIKELIHOOD_TOLERANCE)
     plot = RESULTS / f"sid_{preset}_loglik_curve.png"
     plot_curves({"SiD student (1 NFE, EMA)": (xs, [r["log_likelihood"] for r in res["curve"]]),
                  "exact teacher, Heun (35 NFE)": (xs, [t] * len(xs)),
@@ -296,9 +297,13 @@ def reevaluate_seeds(results: dict, name: str) -> dict:
     data, n, key = r.get("data", IMAGE_RUNS[name]["data"]), r["n_samples"], r["fd_key"]
     teacher = _eval(SHIPPED / data, n, sampler="heun", steps=18)[key]
     student = _eval(ROOT / r["student_checkpoint"], n)[key]
+    committed = r["teacher_heun35"][key], r["student_sid_1nfe"][key]
+    if not all(math.isclose(a, b, rel_tol=1e-3) for a, b in zip((teacher, student), committed)):
+        raise SystemExit(f"{name}: seed 1 does not reproduce (teacher, student now {teacher:.4g}, {student:.4g}; "
+                         f"committed {committed[0]:.4g}, {committed[1]:.4g}): the other seeds would not compare")
     seeds = fd_by_seed(data, ROOT / r["student_checkpoint"], n, key, teacher, student)
-    print(json.dumps({"seed 1 now": [teacher, student], "seed 1 committed":
-                      [r["teacher_heun35"][key], r["student_sid_1nfe"][key]], "by seed": seeds}, indent=1), flush=True)
+    print(json.dumps({"seed 1 now": [teacher, student], "seed 1 committed": committed, "by seed": seeds},
+                     indent=1), flush=True)
     return {**r, "fd_by_seed": seeds, "student_at_or_below_teacher_seeds": seeds_at_or_below(seeds),
             "fd_by_seed_provenance": f"noise seeds measured on {time.strftime('%Y-%m-%d')} from the committed "
                                      f"student by `python benchmarks/sid.py --only seeds --runs {name}`"}

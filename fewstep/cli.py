@@ -195,7 +195,7 @@ def cmd_sample(args) -> int:
 
 # ---- fewstep eval -------------------------------------------------------------------------------------
 def cmd_eval(args) -> int:
-    from .eval.runner import evaluate_model
+    from .eval.runner import evaluate_model, evaluate_model_seeds
     from .model import load_model
 
     _threads()
@@ -206,8 +206,6 @@ def cmd_eval(args) -> int:
     kw = dict(n=args.n, sampler=args.sampler, steps=args.steps, data=args.data, guidance=args.guidance,
               batch_size=args.batch_size, inception=str(inception) if inception else None)
     if args.seeds:
-        from .eval.runner import evaluate_model_seeds
-
         result = evaluate_model_seeds(model, args.seeds, **kw)
     else:
         result = evaluate_model(model, seed=args.seed, **kw)

@@ -100,7 +100,7 @@ def evaluate_model_seeds(model, seeds, **kwargs) -> dict:
         raise FewstepError(f"seeds must be distinct and at least one, got {seeds}")
     by_seed = {str(s): evaluate_model(model, seed=s, **kwargs) for s in seeds}
     runs = list(by_seed.values())
-    keys = [k for k, v in headline(runs[0]).items() if k not in ("nfe",) and all(k in r for r in runs)]
+    keys = [k for k in headline(runs[0]) if k != "nfe" and all(k in r for r in runs)]
     vals = {k: torch.tensor([float(r[k]) for r in runs], dtype=torch.float64) for k in keys}
     shared = {k: v for k, v in runs[0].items() if k in ("data", "sampler", "steps", "nfe", "n_samples")}
     return {**shared, "seeds": seeds, "by_seed": by_seed,
