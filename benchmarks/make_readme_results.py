@@ -7,8 +7,8 @@ Only the block between ``<!-- results:start -->`` and ``<!-- results:end -->`` i
 rewritten (the markers are appended if README.md lacks them; the file is created
 if missing). Every number stands beside the command that produced it. Sources,
 each optional: ``teachers.json`` (benchmarks/teachers.py), ``sid.json``
-(benchmarks/sid.py), ``progressive*.json`` (benchmarks/progressive.py) and
-``fewstep bench`` outputs (``*.json`` or ``*/results.json`` with
+(benchmarks/sid.py), ``progressive*.json`` (benchmarks/progressive.py),
+``diffusers_teacher.json`` (benchmarks/diffusers_teacher.py) and ``fewstep bench`` outputs (``*.json`` or ``*/results.json`` with
 ``"format": "fewstep.bench"``). A missing or malformed file is skipped with a note.
 """
 from __future__ import annotations
@@ -284,6 +284,32 @@ def progressive_section(name: str, d: dict) -> list[str]:
             "generating its teacher pairs); sample s is the time to draw the n samples.", ""]
 
 
+def diffusers_section(d: dict) -> list[str]:
+    """SiD on a diffusers UNet2DModel teacher trained with diffusers' own recipe (benchmarks/diffusers_teacher.py)."""
+    fd, seeds = "fd_digits-featnet", [str(s) for s in d["seeds"]]
+    t, s, tr, di = d["teacher_heun35"], d["student_sid_1nfe"], d["teacher_training"], d["distill"]
+    ddim = d["teacher_ddim50_seed1"]
+    rows = [["diffusers teacher (Heun, Karras over its ᾱ table)", t[seeds[0]]["nfe"]]
+            + [t[k][fd] for k in seeds] + [d["fd_mean"]["teacher_heun35"], t[seeds[0]]["samples_per_second"], "", ""],
+            ["diffusers teacher (DDIM at 50 of its own timesteps, trailing)", ddim["nfe"], ddim[fd]] + [""] * (len(seeds) - 1)
+            + ["", ddim["samples_per_second"], "", ""],
+            ["SiD student (the same UNet, new weights)", s[seeds[0]]["nfe"]] + [s[k][fd] for k in seeds]
+            + [d["fd_mean"]["student_sid_1nfe"], s[seeds[0]]["samples_per_second"], di["kimg"], di["train_seconds"]]]
+    return ["### SiD on a diffusers teacher", "",
+            f"A `UNet2DModel` ({tr['params']:,} parameters) trained by diffusers' own DDPM recipe ({tr['scheduler']}, "
+            f"ε-MSE, AdamW, `EMAModel`) for {tr['train_seconds'] / 60:.3g} minutes ({tr['kimg']:.0f} kimg) on digits, "
+            f"saved with `save_pretrained`, then distilled from that folder with SiD for "
+            f"{di['train_seconds'] / 60:.3g} minutes. FD (digits-featnet) at n = {d['n_samples']}, by noise seed:", "",
+            _table(["model", "NFE"] + [f"FD seed {k}" for k in seeds] + ["mean", "samples/s", "train kimg", "train s"],
+                   rows), "",
+            f"Student at or below the teacher (Heun) at {d['student_at_or_below_teacher']} of {len(seeds)} seeds; "
+            f"it samples {d['speedup_samples_per_second']:.1f}× as fast. Curve: `{d['curve_plot']}` (in-run, seed 0; "
+            f"teacher there {_fmt(d['curve_teacher_seed0'])}). Command: {_code(d['command'])}"
+            + (f" (evaluations re-measured by {_code(d['evaluated_by'])})" if d.get("evaluated_by") else "")
+            + f"; the distillation: {_code(di['command'])}. Shipped for re-evaluation (`fewstep eval FOLDER --data "
+            f"digits`): the teacher folder `{d['teacher_folder']}`, the student `{d['student_checkpoint']}`.", ""]
+
+
 def bench_section(name: str, d: dict) -> list[str]:
     from fewstep.eval.tables import columns
 
@@ -324,6 +350,8 @@ def render(results: Path) -> str:
                 part = teachers_section(d)
             elif p.name == "sid.json":
                 part = sid_section(d, results)
+            elif p.name == "diffusers_teacher.json":
+                part = diffusers_section(d)
             elif p.name.startswith("progressive"):
                 if p.stem == "progressive-quick" and (results / "progressive.json").is_file():
                     continue  # the smoke-test settings only when the full run is absent

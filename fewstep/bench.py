@@ -628,7 +628,7 @@ def add_parser(sub) -> None:
     """Register ``fewstep bench`` on the CLI's subparsers."""
     p = sub.add_parser("bench", help="compare distillation methods on one teacher: same budget, seeds and metric",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--teacher", required=True, help="teacher: run folder, model folder, shipped:NAME or mixture:PRESET")
+    p.add_argument("--teacher", required=True, help="teacher: run folder, model folder, shipped:NAME, mixture:PRESET, or a diffusers folder (a UNet2DModel saved with its scheduler)")
     p.add_argument("--out", required=True, help="output folder (results.json, results.md, plots, runs/)")
     p.add_argument("--methods", type=_csv, default=None,
                    help="comma-separated methods (default: every registered one); unregistered names are listed as absent")

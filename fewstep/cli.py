@@ -126,11 +126,17 @@ def cmd_distill(args) -> int:
     _threads()
     import torch
 
+    from .teachers.diffusers_adapter import DATA_NAME as DIFFUSERS_DATA
+
     cls = get_method(args.method)
     train_cfg = dataclass_from_args(TrainConfig, args, getattr(cls, "train_defaults", None))
     cfg = dataclass_from_args(cls.Config, args)
     teacher = load_model(args.teacher, device=train_cfg.device)
     data_name = args.data or teacher.data_info.name
+    if data_name == DIFFUSERS_DATA and (cls.uses_data or getattr(args, "eval_n", None)):
+        need = f"{args.method} trains on data" if cls.uses_data else "--eval-n compares with real images"
+        raise FewstepError(f"{need}, and a diffusers teacher names no dataset: pass the images it was trained "
+                           "on with --data (a built-in name, a .npy/.npz file or an image folder)")
     dataset = None
     if cls.uses_data:
         from .data import load_dataset
@@ -203,8 +209,8 @@ def cmd_eval(args) -> int:
 
     inception = resolve_weights_path(args.inception)  # a named but missing file fails here, before sampling
     model = load_model(args.checkpoint, device=args.device)
-    kw = dict(n=args.n, sampler=args.sampler, steps=args.steps, data=args.data, guidance=args.guidance,
-              batch_size=args.batch_size, inception=str(inception) if inception else None)
+    kw = dict(n=args.n, sampler=args.sampler, steps=args.steps, schedule=args.schedule, data=args.data,
+              guidance=args.guidance, batch_size=args.batch_size, inception=str(inception) if inception else None)
     if args.seeds:
         result = evaluate_model_seeds(model, args.seeds, **kw)
     else:
@@ -285,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
         mp = msub.add_parser(name, help=cls.summary, description=(cls.__doc__ or "").strip(),
                              formatter_class=argparse.RawDescriptionHelpFormatter)
         mp.add_argument("--teacher", required=True,
-                        help="teacher: run folder, model folder, shipped:NAME or mixture:PRESET")
+                        help="teacher: run folder, model folder, shipped:NAME, mixture:PRESET, or a diffusers folder (a UNet2DModel saved with its scheduler)")
         mp.add_argument("--out", required=True, help="run folder (re-running the same command resumes it)")
         mp.add_argument("--data", default=None, help="dataset for data-based methods and evaluation "
                                                      "(default: the teacher's dataset)")
@@ -297,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
         mp.set_defaults(func=cmd_distill)
 
     p = sub.add_parser("sample", help="sample a checkpoint to a picture or an array file")
-    p.add_argument("checkpoint", help="run folder, model folder, shipped:NAME or mixture:PRESET")
+    p.add_argument("checkpoint", help="run folder, model folder, shipped:NAME, mixture:PRESET or a diffusers folder")
     p.add_argument("--n", type=int, default=64, help="number of samples (default 64)")
     p.add_argument("--out", required=True, help="output: .png (grid / scatter), .npy or .npz (model space)")
     p.add_argument("--labels", default=None, help="comma-separated class labels to cycle through (conditional models)")
@@ -305,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("eval", help="evaluate a checkpoint: metrics as JSON with NFE and sample count")
-    p.add_argument("checkpoint", help="run folder, model folder, shipped:NAME or mixture:PRESET")
+    p.add_argument("checkpoint", help="run folder, model folder, shipped:NAME, mixture:PRESET or a diffusers folder")
     p.add_argument("--n", type=int, default=1000, help="number of samples (default 1000)")
     p.add_argument("--data", default=None, help="reference dataset (default: the model's own)")
     p.add_argument("--json", default=None, help="also write the metrics to this file")

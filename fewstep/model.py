@@ -13,7 +13,10 @@ A model checkpoint is a folder with ``model.safetensors`` and ``config.json``::
 
 ``load_model`` accepts such a folder, a run folder (its ``model/``), the
 ``model.safetensors`` file itself, ``shipped:<name>`` for a reference teacher
-shipped with fewstep, or ``mixture:<preset>`` for an exact mixture.
+shipped with fewstep, ``mixture:<preset>`` for an exact mixture, or a folder
+written by diffusers' ``save_pretrained`` (a UNet2DModel with its scheduler; see
+:mod:`fewstep.teachers.diffusers_adapter`). A denoiser around a diffusers UNet is
+saved with ``"net": {"name": "diffusers", ...}, "precond": {"name": "vp-discrete", ...}``.
 """
 from __future__ import annotations
 
@@ -59,7 +62,7 @@ class FewstepModel:
     @classmethod
     def from_parts(cls, net: nn.Module, config: dict) -> "FewstepModel":
         """Wrap an existing network (a raw backbone for denoiser/generator types)."""
-        if config["type"] in ("denoiser", "generator"):
+        if config["type"] in ("denoiser", "generator") and config.get("precond", {}).get("name", "edm") == "edm":
             den = net if isinstance(net, EDMPrecond) else EDMPrecond(net, config["precond"]["sigma_data"])
         else:
             den = net
@@ -137,13 +140,32 @@ class FewstepModel:
         return save_model(path, self.denoiser, self.config)
 
 
+def weights_module(denoiser: nn.Module) -> nn.Module:
+    """The module whose state dict ``model.safetensors`` holds: an EDM denoiser's backbone, else itself."""
+    return denoiser.net if isinstance(denoiser, EDMPrecond) else denoiser
+
+
+def network_spec(denoiser: nn.Module) -> dict:
+    """The ``net`` and ``precond`` entries of a model config that rebuild ``denoiser``'s network:
+    a fewstep backbone under EDM preconditioning, or a diffusers UNet on its ᾱ table."""
+    if isinstance(denoiser, EDMPrecond):
+        from .nets.build import net_config
+
+        return {"net": net_config(denoiser.net), "precond": {"name": "edm", "sigma_data": denoiser.sigma_data}}
+    from .teachers.diffusers_adapter import diffusers_spec, is_diffusers_denoiser
+
+    if is_diffusers_denoiser(denoiser):
+        return diffusers_spec(denoiser)
+    raise FewstepError(f"a {type(denoiser).__name__} cannot be saved as a checkpoint: fewstep saves its own "
+                       "networks (EDMPrecond) and diffusers UNet2DModel denoisers")
+
+
 def save_model(path: str | Path, denoiser: nn.Module, config: dict) -> Path:
     """Atomically write ``model.safetensors`` + ``config.json`` to the folder ``path``."""
     cfg = dict(config)
     cfg.setdefault("format", FORMAT)
     cfg.setdefault("version", 1)
-    net = denoiser.net if isinstance(denoiser, EDMPrecond) else denoiser
-    tensors = {k: v for k, v in net.state_dict().items()}
+    tensors = {k: v for k, v in weights_module(denoiser).state_dict().items()}
     return write_checkpoint_dir(Path(path), {"model.safetensors": tensors, "config.json": cfg})
 
 
@@ -158,7 +180,7 @@ def resolve_model_dir(path: str | Path) -> Path:
         return p / "model"
     if not p.exists():
         raise FewstepError(f"no checkpoint at {p}: give a run folder, a model folder "
-                           "(model.safetensors + config.json), or mixture:<preset>")
+                           "(model.safetensors + config.json), a diffusers folder, or mixture:<preset>")
     if p.suffix in (".pt", ".pth", ".pkl", ".ckpt"):
         raise FewstepError(f"{p} looks like a pickle checkpoint; fewstep loads only safetensors "
                            "model folders (convert with fewstep.model.save_model)")
@@ -177,6 +199,13 @@ def build_from_config(config: dict) -> nn.Module:
     if typ in ("denoiser", "generator"):
         from .nets.build import build_net
 
+        precond = config.get("precond", {})
+        if precond.get("name", "edm") != "edm":
+            from .teachers.diffusers_adapter import PRECOND_NAME, build_diffusers_denoiser
+
+            if precond["name"] != PRECOND_NAME:
+                raise FewstepError(f"model config has unknown precond {precond['name']!r} (expected edm or {PRECOND_NAME})")
+            return build_diffusers_denoiser(config["net"], precond)
         return EDMPrecond(build_net(config["net"]), config.get("precond", {}).get("sigma_data", 0.5))
     raise FewstepError(f"model config has unknown type {typ!r} (expected denoiser, generator or mixture)")
 
@@ -190,13 +219,18 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> FewstepM
         from .demo import shipped_teacher
 
         path = shipped_teacher(spec.split(":", 1)[1])
+    if not (Path(path) / "model.safetensors").is_file():
+        from .teachers.diffusers_adapter import diffusers_folder, load_diffusers_folder
+
+        if diffusers_folder(path) is not None:
+            return load_diffusers_folder(path).to(device)
     d = resolve_model_dir(path)
     config = read_json(d / "config.json")
     if config.get("format") != FORMAT:
         raise FewstepError(f"{d / 'config.json'} is not a fewstep model config (format={config.get('format')!r})")
     den = build_from_config(config)
     if config["type"] != "mixture":
-        load_state_dict_strict(den.net, read_tensors(d / "model.safetensors"), f"weights in {d}")
+        load_state_dict_strict(weights_module(den), read_tensors(d / "model.safetensors"), f"weights in {d}")
     return FewstepModel(den, config).to(device)
 
 

@@ -48,6 +48,20 @@ def test_distill_sample_eval(method, teacher_run, tmp_path, capsys):
     assert (out / "samples" / "final.png").is_file() and (out / "metrics.jsonl").is_file()
 
 
+def test_eval_uses_the_schedule_it_is_given(teacher_run, capsys):
+    common = ["eval", str(teacher_run), "--n", "200", "--sampler", "ddim", "--steps", "4"]
+    out = {}
+    for schedule in ("karras", "vp-uniform"):
+        capsys.readouterr()
+        assert main(common + ["--schedule", schedule]) == 0
+        out[schedule] = json.loads(capsys.readouterr().out)
+        assert out[schedule]["schedule"] == schedule and out[schedule]["nfe"] == 4
+    assert out["karras"]["log_likelihood"] != out["vp-uniform"]["log_likelihood"]  # the grids differ
+    capsys.readouterr()
+    assert main(common) == 0
+    assert json.loads(capsys.readouterr().out)["log_likelihood"] == out["karras"]["log_likelihood"]  # the recipe's
+
+
 def test_eval_over_several_noise_seeds(teacher_run, tmp_path, capsys):
     common = ["eval", str(teacher_run), "--n", "200", "--sampler", "heun", "--steps", "4"]
     capsys.readouterr()

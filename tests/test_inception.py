@@ -154,3 +154,28 @@ def test_cli_eval_names_the_flag_when_the_file_is_missing(tmp_path, capsys):
     code = main(["eval", "mixture:ring8", "--n", "50", "--inception", str(tmp_path / "none.pth")])
     err = capsys.readouterr().err
     assert code == 2 and "--inception" in err and "Traceback" not in err
+
+
+def test_own_images_without_a_feature_net_are_measured_by_inception_alone(weights, tmp_path, monkeypatch, capsys):
+    """`fewstep eval --data FILE --inception W`: data fewstep has no feature net for (a user's own
+    images) gets Inception FID instead of an error; without --inception the error names the flag."""
+    import json
+
+    import numpy as np
+
+    from fewstep.cli import main
+    from fewstep.data import load_dataset
+
+    path, _ = weights
+    monkeypatch.setattr(inc.FIDInception, "INPUT_SIZE", 75)
+    monkeypatch.delenv("FEWSTEP_INCEPTION", raising=False)
+    mine = tmp_path / "mine.npz"
+    np.savez(mine, x=load_dataset("digits", split="all").x.numpy())
+    common = ["eval", "shipped:digits", "--data", str(mine), "--n", "8", "--sampler", "euler", "--steps", "2"]
+    capsys.readouterr()
+    assert main(common) == 2
+    assert "--inception" in capsys.readouterr().err
+    assert main(common + ["--inception", str(path)]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["fid_inception"] > 0 and r["n_inception"] == 8 and r["feature_net"] is None
+    assert not any(k.startswith("fd_") for k in r)

@@ -42,6 +42,14 @@ def _dataset_name(dataset) -> str | None:
     return dataset if isinstance(dataset, str) else getattr(dataset, "name", None)
 
 
+def has_feature_net(dataset) -> bool:
+    """Whether fewstep ships a feature net for ``dataset`` (a name or a Dataset)."""
+    from ..teachers.diffusers_adapter import DATA_NAME as DIFFUSERS_DATA
+
+    name = _dataset_name(dataset)
+    return name is not None and name != DIFFUSERS_DATA and asset_paths(name)[0].is_file()
+
+
 def _resolve_net(feature_net, dataset) -> FeatureNet:
     if isinstance(feature_net, torch.nn.Module):
         if not hasattr(feature_net, "extract"):
@@ -54,9 +62,15 @@ def _resolve_net(feature_net, dataset) -> FeatureNet:
     if name is None:
         raise FewstepError("evaluating images needs dataset= (to pick the shipped feature net and the "
                            "real images) or feature_net= and reference=")
+    from ..teachers.diffusers_adapter import DATA_NAME as DIFFUSERS_DATA
+
+    if name == DIFFUSERS_DATA:
+        raise FewstepError("this model comes from a diffusers teacher, which names no dataset: pass the images "
+                           "it was trained on with --data (a built-in name, a .npy/.npz file or an image folder)")
     if not asset_paths(name)[0].is_file():
         raise FewstepError(
-            f"no feature net is shipped for dataset {name!r}; train one with "
+            f"no feature net is shipped for dataset {name!r}: `fewstep eval ... --inception FILE` measures "
+            f"Inception FID on any image data; or train a feature net on labelled images with "
             f"`python -m fewstep.eval.feature_net --dataset {name} --out my_featnet.safetensors` "
             f"and pass feature_net='my_featnet.safetensors'")
     return load_feature_net(name)
@@ -233,4 +247,4 @@ def fd_floor(dataset, n: int | None = None, *, feature_net=None, seed: int = 0) 
     return M.frechet_distance(_subset(train_feats, n, seed), test_feats)
 
 
-__all__ = ["evaluate_samples", "fd_floor", "quantize_images"]
+__all__ = ["evaluate_samples", "fd_floor", "has_feature_net", "quantize_images"]

@@ -28,15 +28,23 @@ def mixture_for(data: str | None):
     return preset(name) if name else None
 
 
-def measure(samples: torch.Tensor, data: str, *, labels=None, seed: int = 0) -> dict:
-    """Metrics of ``samples`` (model space) against the data named ``data``."""
-    from .evaluate import evaluate_samples, fd_floor
+def measure(samples: torch.Tensor, data: str, *, labels=None, seed: int = 0,
+            feature_net_required: bool = True) -> dict:
+    """Metrics of ``samples`` (model space) against the data named ``data``.
+
+    Images of data that no feature net is shipped for raise, unless ``feature_net_required``
+    is false (Inception FID is measured instead): then only the sample count comes back.
+    """
+    from .evaluate import _drop_nonfinite, evaluate_samples, fd_floor, has_feature_net
 
     mix = mixture_for(data)
     if mix is not None:
         g = torch.Generator().manual_seed(seed + 1)
         ref = mix.sample(samples.shape[0], generator=g).float()
         return evaluate_samples(samples, mixture=mix, reference=ref, seed=seed)
+    if samples.ndim == 4 and not feature_net_required and not has_feature_net(data):
+        x, _, nonfinite = _drop_nonfinite(samples)
+        return {"kind": "images", "n": int(x.shape[0]), "nonfinite_fraction": nonfinite, "feature_net": None}
     out = evaluate_samples(samples, dataset=data, labels=labels, seed=seed)
     if out["kind"] != "images":
         return out
@@ -56,32 +64,39 @@ def measure(samples: torch.Tensor, data: str, *, labels=None, seed: int = 0) -> 
 
 def evaluate_model(model, *, n: int = 1000, seed: int = 0, sampler: str | None = None,
                    steps: int | None = None, data: str | None = None, guidance: float | None = None,
-                   batch_size: int | None = 500, inception: str | None = None) -> dict:
-    """Sample ``n`` from ``model`` with the given sampler, time it, and measure the samples.
+                   batch_size: int | None = 500, inception: str | None = None,
+                   schedule: str | None = None) -> dict:
+    """Sample ``n`` from ``model`` with the given sampler (and σ ``schedule``; default: the
+    checkpoint's recipe), time it, and measure the samples.
 
     ``inception``: path of the standard FID Inception weights; image samples then also get
-    ``fid_inception`` & co. (:mod:`fewstep.eval.inception`).
+    ``fid_inception`` & co. (:mod:`fewstep.eval.inception`), and data without a shipped feature
+    net (your own images, ``data`` a path) is measured by those alone.
     """
     data = data or model.data_info.name
     if not data:
         raise FewstepError("this model does not name its dataset: pass --data NAME")
     t0 = time.perf_counter()
-    res = model.sample(n, seed=seed, sampler=sampler, steps=steps, guidance=guidance, batch_size=batch_size)
+    res = model.sample(n, seed=seed, sampler=sampler, steps=steps, schedule=schedule, guidance=guidance,
+                       batch_size=batch_size)
     dt = time.perf_counter() - t0
     labels = None
     if model.data_info.num_classes:
         from ..model import balanced_labels
 
         labels = balanced_labels(n, model.data_info.num_classes)
-    metrics = measure(res.x.detach().cpu().float(), data, labels=labels, seed=seed)
+    metrics = measure(res.x.detach().cpu().float(), data, labels=labels, seed=seed,
+                      feature_net_required=not inception)  # with Inception FID, any image data will do
     if inception and metrics.get("kind") == "images":
         from .inception import inception_metrics
 
         metrics.update(inception_metrics(res.x.detach().cpu().float(), data, inception, seed=seed,
                                          device=model.device))
     recipe = model.sampling
+    one_step = (sampler or recipe["sampler"]) == "one-step"
     return {"data": data, "sampler": sampler or recipe["sampler"],
-            "steps": None if (sampler or recipe["sampler"]) == "one-step" else (steps or recipe.get("steps")),
+            "steps": None if one_step else (steps or recipe.get("steps")),
+            "schedule": None if one_step else (schedule or recipe.get("schedule", "karras")),
             "nfe": res.nfe, "n_samples": n, "seed": seed, "sample_seconds": round(dt, 4),
             "samples_per_second": round(n / dt, 2), **metrics}
 

@@ -70,7 +70,8 @@ def get_method(name: str) -> type["Method"]:
 
 
 def initial_network(method: str, teacher, init=None) -> nn.Module:
-    """A copy of the network a student starts from: ``init``'s if given, else the teacher's.
+    """A copy of the network a student starts from: ``init``'s if given, else the teacher's
+    (a fewstep network, or a diffusers UNet on its ᾱ table: the student is then that UNet too).
 
     Exact-mixture (or other weightless) teachers need ``--init``; its samples must have
     the teacher's shape. Raises :class:`FewstepError` saying which.
@@ -78,9 +79,10 @@ def initial_network(method: str, teacher, init=None) -> nn.Module:
     import copy
 
     from ..diffusion.denoiser import EDMPrecond
+    from ..teachers.diffusers_adapter import is_diffusers_denoiser
 
     src = init or teacher
-    if not isinstance(src.denoiser, EDMPrecond):
+    if not (isinstance(src.denoiser, EDMPrecond) or is_diffusers_denoiser(src.denoiser)):
         raise FewstepError(
             f"{method} initialises its networks from the teacher's network, but this teacher "
             f"({src.config.get('type')}) has none: pass --init with a fewstep denoiser of the same data "

@@ -15,9 +15,8 @@ import torch
 from torch import nn
 
 from ..config import require
-from ..diffusion.denoiser import EDMPrecond, append_dims, edm_loss, karras_ramp
+from ..diffusion.denoiser import append_dims, edm_loss, karras_ramp
 from ..diffusion.guidance import CFGDenoiser
-from ..errors import FewstepError
 from ..model import FewstepModel, one_step_generate
 from .base import DataInfo, Method, Phase, initial_network
 
@@ -262,11 +261,8 @@ class FakeScoreMethod(Method):
         return loss, info
 
     def export_config(self) -> dict:
-        from ..nets.build import net_config
+        from ..model import network_spec
 
-        if not isinstance(self.G, EDMPrecond):
-            raise FewstepError("only fewstep networks (EDMPrecond) can be exported as checkpoints")
-        return {"format": "fewstep.model", "version": 1, "type": "generator",
-                "net": net_config(self.G.net), "precond": {"name": "edm", "sigma_data": self.G.sigma_data},
+        return {"format": "fewstep.model", "version": 1, "type": "generator", **network_spec(self.G),
                 "data": self.data_info.to_dict(),
                 "sampling": {"sampler": "one-step", "sigma_init": self.config.sigma_init}}

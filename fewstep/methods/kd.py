@@ -309,14 +309,9 @@ class KnowledgeDistillation(Method):
         return [Phase("student", "student", self.loss)]
 
     def export_config(self) -> dict:
-        from ..diffusion.denoiser import EDMPrecond
-        from ..nets.build import net_config
+        from ..model import network_spec
 
-        if not isinstance(self.student, EDMPrecond):
-            raise FewstepError("only fewstep networks (EDMPrecond) can be exported as checkpoints")
-        return {"format": "fewstep.model", "version": 1, "type": "generator",
-                "net": net_config(self.student.net),
-                "precond": {"name": "edm", "sigma_data": self.student.sigma_data},
+        return {"format": "fewstep.model", "version": 1, "type": "generator", **network_spec(self.student),
                 "data": self.data_info.to_dict(),
                 "sampling": {"sampler": "one-step", "sigma_init": self.sigma_init},
                 "provenance": {"pairs": {"n": self.config.n_pairs, "recipe": self.recipe}}}

@@ -145,7 +145,7 @@ class SiDA(SiD):
         if not hasattr(backbone, "encoder_features"):
             raise FewstepError(
                 f"SiDA reads its discriminator from the fake network's encoder, but this teacher's backbone "
-                f"({type(backbone).__name__}) has none: SiDA needs an image teacher with a UNet; use `sid` instead")
+                f"({type(backbone or method.fake).__name__}) has none: SiDA needs a fewstep UNet teacher; use `sid` instead")
         if dataset is not None and tuple(dataset.x.shape[1:]) != tuple(method.data_info.sample_shape):
             raise FewstepError(f"the real images have shape {tuple(dataset.x.shape[1:])} but the teacher makes "
                                f"{tuple(method.data_info.sample_shape)}: pass the teacher's dataset with --data")

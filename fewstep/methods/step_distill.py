@@ -271,6 +271,9 @@ class StepDistillMethod(Method):
         if config.prediction == "both":
             from ..nets.two_head import two_head_from
 
+            if not isinstance(student, EDMPrecond):
+                raise FewstepError("--prediction both adds a second output head to a fewstep UNet; this "
+                                   f"teacher's network is a {type(student).__name__}: use --prediction x or v")
             student = EDMPrecond(two_head_from(student.net), student.sigma_data)
         return student
 
@@ -424,14 +427,10 @@ class StepDistillMethod(Method):
 
     # ---- the student ------------------------------------------------------------------------------
     def export_config(self) -> dict:
-        from ..nets.build import net_config
+        from ..model import network_spec
 
-        net = self.nets[self.ema_net]
-        if not isinstance(net, EDMPrecond):
-            raise FewstepError("only fewstep networks (EDMPrecond) can be exported as checkpoints")
         return {"format": "fewstep.model", "version": 1, "type": "denoiser",
-                "net": net_config(net.net), "precond": {"name": "edm", "sigma_data": net.sigma_data},
-                "data": self.data_info.to_dict(),
+                **network_spec(self.nets[self.ema_net]), "data": self.data_info.to_dict(),
                 "sampling": sampling_recipe(self.student_steps, self.config.sigma_max)}
 
 

@@ -5,12 +5,22 @@ v or x_0 for x_t = √ᾱ_t·x_0 + √(1−ᾱ_t)·ε on the scheduler's ``alpha
 :func:`from_diffusers` wraps the pair in a :class:`~fewstep.diffusion.conversions.DiscreteVPDenoiser`
 (σ_EDM = √((1−ᾱ)/ᾱ), σ → t by log-σ interpolation, x_t = x_σ/√(1+σ²); DESIGN §1).
 
-Nothing here downloads anything: pass objects you have already built or loaded.
-Note that diffusers' ``clip_sample`` / thresholding of x̂_0 are scheduler-side options
+:func:`diffusers_model` makes the pair a :class:`~fewstep.model.FewstepModel` (a teacher every
+method accepts); :func:`load_diffusers_folder` does the same for a folder written by diffusers'
+``save_pretrained`` (a pipeline folder with ``unet/`` and ``scheduler/``, or a UNet folder with
+its ``scheduler_config.json`` beside it), which is what ``--teacher PATH`` reads. A student
+distilled from such a teacher is the same diffusers UNet with new weights; its checkpoint is a
+fewstep model folder (``model.safetensors`` + ``config.json`` holding the UNet's config and the
+ᾱ table), so ``fewstep sample`` / ``eval`` and :func:`fewstep.model.load_model` read it back.
+
+Nothing here downloads anything: pass objects you have already built or loaded, or a local
+folder. Note that diffusers' ``clip_sample`` / thresholding of x̂_0 are scheduler-side options
 and are not applied — the denoiser returns the network's raw x̂_0 estimate.
 """
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any, Mapping
 
 import torch
@@ -139,4 +149,143 @@ def from_diffusers(unet: nn.Module, scheduler_or_config, *, prediction_type: str
     return DiscreteVPDenoiser(model, table, prediction=pred, quantize=quantize)
 
 
-__all__ = ["from_diffusers", "scheduler_alphas_cumprod", "DiffusersUNetModel"]
+# ---- checkpoints: a diffusers-UNet denoiser inside fewstep's model format -------------------------
+NET_NAME = "diffusers"          # "net": {"name": "diffusers", "class": "UNet2DModel", "config": {...}}
+PRECOND_NAME = "vp-discrete"    # "precond": {"name": "vp-discrete", "alphas_cumprod": [...], ...}
+UNET_CLASSES = ("UNet2DModel",)  # unconditional or class-conditional image UNets (no text encoder)
+WEIGHTS = "diffusion_pytorch_model.safetensors"
+DATA_NAME = "diffusers"         # the data name of a diffusers teacher: no dataset or feature net goes by it
+
+
+def is_diffusers_denoiser(den: nn.Module) -> bool:
+    """``den`` is :func:`from_diffusers`' wrapper around a diffusers UNet that can be saved."""
+    return (isinstance(den, DiscreteVPDenoiser) and isinstance(den.model, DiffusersUNetModel)
+            and type(den.model.unet).__name__ in UNET_CLASSES and hasattr(den.model.unet, "config"))
+
+
+def _jsonable(v):
+    if isinstance(v, Mapping):  # diffusers' private keys (_name_or_path: where it was loaded from) dropped
+        return {str(k): _jsonable(x) for k, x in v.items() if k in ("_class_name", "_diffusers_version")
+                or not str(k).startswith("_")}
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return v
+    return str(v)
+
+
+def diffusers_spec(den: DiscreteVPDenoiser) -> dict:
+    """The ``net`` and ``precond`` entries of a model config that rebuild ``den`` (weights aside)."""
+    if not is_diffusers_denoiser(den):
+        raise FewstepError(f"not a saveable diffusers denoiser (supported UNets: {', '.join(UNET_CLASSES)})")
+    unet = den.model.unet
+    return {"net": {"name": NET_NAME, "class": type(unet).__name__, "config": _jsonable(dict(unet.config))},
+            "precond": {"name": PRECOND_NAME, "alphas_cumprod": den.alphas_cumprod.tolist(),
+                        "prediction": den.prediction, "quantize": den.quantize,
+                        "has_null_class": den.model.has_null_class,
+                        "learned_variance": den.model.learned_variance}}
+
+
+def build_diffusers_denoiser(net: Mapping, precond: Mapping) -> DiscreteVPDenoiser:
+    """The (randomly initialised) denoiser a :func:`diffusers_spec` describes."""
+    import diffusers
+
+    cls_name = net.get("class", "UNet2DModel")
+    if cls_name not in UNET_CLASSES:
+        raise FewstepError(f"model config names diffusers class {cls_name!r}; fewstep reads {', '.join(UNET_CLASSES)}")
+    unet = getattr(diffusers, cls_name).from_config(dict(net["config"]))
+    model = DiffusersUNetModel(unet, has_null_class=bool(precond.get("has_null_class", False)),
+                               learned_variance=bool(precond.get("learned_variance", False)))
+    table = torch.tensor(precond["alphas_cumprod"], dtype=torch.float64)
+    return DiscreteVPDenoiser(model, table, prediction=precond.get("prediction", "epsilon"),
+                              quantize=bool(precond.get("quantize", False)))
+
+
+def diffusers_model(unet: nn.Module, scheduler_or_config, *, name: str = DATA_NAME,
+                    prediction_type: str | None = None, has_null_class: bool = False,
+                    quantize: bool = False, provenance: dict | None = None):
+    """A diffusers ``UNet2DModel`` and its scheduler as a :class:`~fewstep.model.FewstepModel`.
+
+    That is a teacher like any other: ``SiD.create(cfg, teacher=diffusers_model(unet, sched))``,
+    ``model.sample(...)``, ``model.save(dir)``. Its default recipe is Heun on the Karras grid
+    between the ᾱ table's own σ_min and σ_max. ``name`` is the data name in its config (no
+    feature net or dataset goes by it: evaluations and data-reading methods take ``--data``).
+    """
+    from ..model import FORMAT, FewstepModel
+
+    if type(unet).__name__ not in UNET_CLASSES or not hasattr(unet, "config"):
+        raise FewstepError(f"fewstep distils diffusers {', '.join(UNET_CLASSES)} teachers, got "
+                           f"{type(unet).__name__} (text-conditional UNets need an encoder fewstep does not run)")
+    den = from_diffusers(unet, scheduler_or_config, prediction_type=prediction_type,
+                         has_null_class=has_null_class, quantize=quantize)
+    cfg = unet.config
+    size = cfg.get("sample_size")
+    if size is None:
+        raise FewstepError("the UNet's config has no sample_size: set unet.config.sample_size to the image size it was trained at")
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    config = {"format": FORMAT, "version": 1, "type": "denoiser", **diffusers_spec(den),
+              "data": {"kind": "images", "sample_shape": [int(cfg["in_channels"]), int(h), int(w)],
+                       "num_classes": den.num_classes, "name": name},
+              "sampling": {"sampler": "heun", "steps": 18, "schedule": "karras",
+                           "sigma_min": den.sigma_min, "sigma_max": den.sigma_max},
+              "provenance": provenance or {"source": "diffusers"}}
+    return FewstepModel(den, config)
+
+
+def diffusers_folder(path: str | Path) -> tuple[Path, Path | None] | None:
+    """``(unet folder, scheduler config file or None)`` if ``path`` is a diffusers save, else None.
+
+    A pipeline folder (``model_index.json``, ``unet/``, ``scheduler/``), or a UNet folder
+    (``config.json`` naming a diffusers UNet class) with ``scheduler_config.json`` beside it.
+    """
+    p = Path(path)
+    if (p / "unet" / "config.json").is_file():
+        sched = p / "scheduler" / "scheduler_config.json"
+        return p / "unet", sched if sched.is_file() else None
+    cfg = p / "config.json"
+    if cfg.is_file():
+        try:
+            cls_name = json.loads(cfg.read_text()).get("_class_name", "")
+        except (ValueError, AttributeError):
+            return None
+        if isinstance(cls_name, str) and cls_name.startswith("UNet"):
+            sched = p / "scheduler_config.json"
+            return p, sched if sched.is_file() else None
+    return None
+
+
+def load_diffusers_folder(path: str | Path):
+    """Load a diffusers save (see :func:`diffusers_folder`) as a fewstep teacher, offline.
+
+    Weights are read from ``diffusion_pytorch_model.safetensors`` only (a ``.bin`` file is a
+    pickle, which fewstep does not load: re-save with ``unet.save_pretrained(dir)``, whose
+    default is safetensors) and cast to float32.
+    """
+    found = diffusers_folder(path)
+    if found is None:
+        raise FewstepError(f"{path} is not a diffusers folder (expected unet/ + scheduler/, or a UNet's "
+                           "config.json with scheduler_config.json beside it)")
+    unet_dir, sched = found
+    if sched is None:
+        raise FewstepError(f"{path} has a diffusers UNet but no scheduler config: fewstep needs the noise "
+                           "schedule it was trained with; save it beside the UNet with "
+                           "scheduler.save_pretrained(...) (a scheduler/ folder, or scheduler_config.json)")
+    cls_name = json.loads((unet_dir / "config.json").read_text()).get("_class_name")
+    if cls_name not in UNET_CLASSES:
+        raise FewstepError(f"{unet_dir} holds a diffusers {cls_name}; fewstep distils {', '.join(UNET_CLASSES)} teachers")
+    if not (unet_dir / WEIGHTS).is_file():
+        found_bin = (unet_dir / "diffusion_pytorch_model.bin").is_file()
+        raise FewstepError(f"{unet_dir} has no {WEIGHTS}" + (
+            " (only a .bin pickle, which fewstep does not load: load it yourself and re-save with "
+            "unet.save_pretrained(dir), which writes safetensors)" if found_bin else ""))
+    import diffusers
+
+    unet = getattr(diffusers, cls_name).from_pretrained(unet_dir, use_safetensors=True, local_files_only=True,
+                                                     low_cpu_mem_usage=False)
+    return diffusers_model(unet.float().eval(), json.loads(sched.read_text()),
+                           provenance={"source": "diffusers", "path": str(Path(path))})
+
+
+__all__ = ["from_diffusers", "scheduler_alphas_cumprod", "DiffusersUNetModel", "diffusers_model",
+           "diffusers_folder", "load_diffusers_folder", "is_diffusers_denoiser", "diffusers_spec", "DATA_NAME",
+           "build_diffusers_denoiser"]
