@@ -157,6 +157,18 @@ def cmd_distill(args) -> int:
     return 0
 
 
+# ---- fewstep export ----------------------------------------------------------------------------------
+def cmd_export(args) -> int:
+    from .model import load_model
+    from .teachers.diffusers_adapter import save_diffusers
+
+    model = load_model(args.checkpoint)
+    out = save_diffusers(model, Path(args.out))
+    print(json.dumps({"out": str(out), "format": args.format, "type": model.config.get("type"),
+                      "sampling": model.sampling}))
+    return 0
+
+
 # ---- fewstep sample ----------------------------------------------------------------------------------
 def cmd_sample(args) -> int:
     import numpy as np
@@ -323,6 +335,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "training settings")
     _sampling_args(p)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("export", help="write a checkpoint in diffusers' format (models around a diffusers UNet)",
+                       description="Write a teacher or student built on a diffusers UNet2DModel (one loaded from a "
+                                   "diffusers folder, or distilled from one) as a DDPMPipeline folder: the UNet, a "
+                                   "DDPMScheduler on its ᾱ table and fewstep.json (the sampling recipe; for a one-step "
+                                   "student, the σ and timestep to call the UNet at). fewstep reads it back as the "
+                                   "same model.")
+    p.add_argument("checkpoint", help="run folder, model folder or diffusers folder")
+    p.add_argument("--out", required=True, help="folder to write (diffusers save_pretrained layout)")
+    p.add_argument("--format", choices=["diffusers"], default="diffusers", help="target format (default diffusers)")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("demo", help="distil a shipped teacher with SiD for a few minutes and compare",
                        description="The main job in one command: SiD-distil the shipped teacher, then show "

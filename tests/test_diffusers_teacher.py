@@ -178,3 +178,46 @@ def test_the_shipped_diffusers_benchmark_teacher_and_student_load_and_sample():
     for m, nfe in ((teacher, 3), (student, 1)):
         res = m.sample(4, steps=2, seed=0)
         assert res.nfe == nfe and res.x.shape == (4, 1, 8, 8) and torch.isfinite(res.x).all()
+
+
+def test_export_a_student_to_diffusers_and_back(pipe, tmp_path, capsys):
+    """`fewstep export RUN --out DIR`: a DDPMPipeline folder fewstep reads back as the same one-step
+    student, and plain diffusers code samples as fewstep does (this UNet predicts v: x̂_0 = α·x_t − σ_t·v̂)."""
+    run = tmp_path / "run"
+    assert main(["distill", "sid", "--teacher", str(pipe), "--out", str(run), "--total-kimg", "0.016",
+                 "--batch-size", "8", *QUIET]) == 0
+    out = tmp_path / "exported"
+    capsys.readouterr()
+    assert main(["export", str(run), "--out", str(out)]) == 0
+    assert json.loads(capsys.readouterr().out)["sampling"]["sampler"] == "one-step"
+    student, back = load_model(run), load_model(out)
+    assert back.is_generator and back.sampling == student.sampling and back.data_info.name == "diffusers"
+    a, b = student.sample(6, seed=4).x, back.sample(6, seed=4).x
+    torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)  # ᾱ round-trips through float32 β
+    # plain diffusers: the UNet at the recorded timestep on x_t = σ·z/√(1+σ²), then v → x̂_0
+    from fewstep.diffusion.samplers import initial_noise
+
+    info = json.loads((out / "fewstep.json").read_text())["one_step"]
+    unet = UNet2DModel.from_pretrained(out / "unet").eval()
+    sched = DDPMScheduler.from_pretrained(out / "scheduler")
+    assert sched.config.prediction_type == "v_prediction"
+    sigma, z = info["sigma_init"], initial_noise((6, 1, 8, 8), 4, "cpu")
+    x_t = info["input_scale"] * sigma * z
+    with torch.no_grad():
+        v = unet(x_t, torch.full((6,), info["timestep"])).sample
+    alpha, sig_t = info["input_scale"], sigma * info["input_scale"]
+    torch.testing.assert_close(alpha * x_t - sig_t * v, a, rtol=1e-4, atol=1e-4)  # x̂_0 = α·x_t − σ_t·v
+
+
+def test_export_round_trips_a_teacher_and_refuses_fewstep_networks(pipe, tmp_path, capsys):
+    teacher = load_model(pipe)
+    capsys.readouterr()
+    assert main(["export", str(pipe), "--out", str(tmp_path / "t")]) == 0
+    back = load_model(tmp_path / "t")
+    assert back.sampling == teacher.sampling and not back.is_generator
+    x, s = _probe()
+    with torch.no_grad():
+        torch.testing.assert_close(back.denoiser(x, s), teacher.denoiser(x, s), rtol=1e-4, atol=1e-4)
+    capsys.readouterr()
+    assert main(["export", "shipped:digits", "--out", str(tmp_path / "f")]) == 2
+    assert "diffusers UNet2DModel" in capsys.readouterr().err

@@ -232,6 +232,44 @@ def diffusers_model(unet: nn.Module, scheduler_or_config, *, name: str = DATA_NA
     return FewstepModel(den, config)
 
 
+EXPORT_FILE = "fewstep.json"  # beside an exported pipeline: the checkpoint's recipe, data and provenance
+
+
+def save_diffusers(model, path: str | Path) -> Path:
+    """Write ``model`` (a teacher or a student around a diffusers UNet) as a diffusers pipeline folder.
+
+    ``DDPMPipeline(unet, scheduler).save_pretrained(path)``: the UNet's weights (safetensors) and
+    a ``DDPMScheduler`` on the model's own ᾱ table (as ``trained_betas``), plus ``fewstep.json``
+    with the sampling recipe, so that :func:`load_diffusers_folder` (and ``--teacher``,
+    ``fewstep sample``/``eval``) read it back as the same model, one-step students included. In
+    plain diffusers, a one-step student samples with one UNet call ``out = unet(x_t, t).sample`` on
+    ``x_t = α·σ·z``, α = 1/√(1+σ²) (``one_step.input_scale``), σ = ``one_step.sigma_init``,
+    t = ``one_step.timestep`` (all in ``fewstep.json``), then ``x̂_0 = σ·(z − out)`` for ε-prediction
+    or ``x̂_0 = α·x_t − σ·α·out`` for v-prediction.
+    """
+    from diffusers import DDPMPipeline, DDPMScheduler
+
+    den = model.denoiser
+    if not is_diffusers_denoiser(den):
+        raise FewstepError("only models around a diffusers UNet2DModel (a diffusers teacher, or a student "
+                           "distilled from one) export to diffusers format; fewstep checkpoints are "
+                           "model.safetensors + config.json already")
+    a = den.alphas_cumprod
+    betas = 1 - a / torch.cat([a.new_ones(1), a[:-1]])  # ᾱ_t = Π (1 − β_s)
+    sched = DDPMScheduler(num_train_timesteps=int(a.numel()), trained_betas=betas.tolist(),
+                          prediction_type=den.prediction, clip_sample=False)
+    path = Path(path)
+    DDPMPipeline(unet=den.model.unet, scheduler=sched).save_pretrained(path)
+    info = {"format": "fewstep.diffusers-export", "type": model.config.get("type"), "sampling": model.sampling,
+            "data": model.config["data"], "provenance": model.config.get("provenance", {})}
+    if model.is_generator:
+        sigma = float(model.sampling.get("sigma_init", 2.5))
+        info["one_step"] = {"sigma_init": sigma, "timestep": float(den.sigma_to_t(torch.tensor([sigma]))[0]),
+                            "input_scale": 1.0 / (1.0 + sigma * sigma) ** 0.5}
+    (path / EXPORT_FILE).write_text(json.dumps(info, indent=2) + "\n")
+    return path
+
+
 def diffusers_folder(path: str | Path) -> tuple[Path, Path | None] | None:
     """``(unet folder, scheduler config file or None)`` if ``path`` is a diffusers save, else None.
 
@@ -282,10 +320,20 @@ def load_diffusers_folder(path: str | Path):
 
     unet = getattr(diffusers, cls_name).from_pretrained(unet_dir, use_safetensors=True, local_files_only=True,
                                                      low_cpu_mem_usage=False)
-    return diffusers_model(unet.float().eval(), json.loads(sched.read_text()),
-                           provenance={"source": "diffusers", "path": str(Path(path))})
+    model = diffusers_model(unet.float().eval(), json.loads(sched.read_text()),
+                            provenance={"source": "diffusers", "path": str(Path(path))})
+    exported = Path(path) / EXPORT_FILE
+    if exported.is_file():  # written by save_diffusers: the recipe (a one-step student's), data and provenance
+        info = json.loads(exported.read_text())
+        model.config.update({k: info[k] for k in ("type", "sampling", "data") if info.get(k)})
+        model.config["provenance"] = {**info.get("provenance", {}), "path": str(Path(path))}
+        from ..methods.base import DataInfo
+
+        model.data_info = DataInfo.from_dict(model.config["data"])
+    return model
 
 
 __all__ = ["from_diffusers", "scheduler_alphas_cumprod", "DiffusersUNetModel", "diffusers_model",
-           "diffusers_folder", "load_diffusers_folder", "is_diffusers_denoiser", "diffusers_spec", "DATA_NAME",
+           "diffusers_folder", "load_diffusers_folder", "save_diffusers", "is_diffusers_denoiser", "diffusers_spec",
+           "DATA_NAME",
            "build_diffusers_denoiser"]
