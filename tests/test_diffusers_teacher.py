@@ -149,6 +149,7 @@ def test_every_method_distils_a_diffusers_teacher(pipe, tmp_path, method, extra)
                  "--batch-size", "8", *QUIET, *extra]) == 0
     student = load_model(out)
     assert student.config["net"]["name"] == "diffusers"
+    assert student.data_info.name == ("digits" if "--data" in extra else "diffusers")  # the data it was given
     assert torch.isfinite(student.sample(3, seed=0).x).all()
 
 
@@ -163,6 +164,7 @@ def test_what_a_diffusers_teacher_cannot_do_is_said_up_front(pipe, tmp_path, cap
     assert "--data" in err("distill", "sida", *base)  # trains on data
     assert "fewstep UNet" in err("distill", "sida", *base, "--data", "digits")  # no encoder to read
     assert "--prediction x or v" in err("distill", "progressive", *base, "--data", "digits", "--prediction", "both")
+    assert "shape [1, 28, 28]" in err("distill", "sid", *base, "--data", "mnist5k")  # not the teacher's images
 
 
 def test_the_shipped_diffusers_benchmark_teacher_and_student_load_and_sample():
