@@ -209,6 +209,7 @@ def test_export_a_student_to_diffusers_and_back(pipe, tmp_path, capsys):
         v = unet(x_t, torch.full((6,), info["timestep"])).sample
     alpha, sig_t = info["input_scale"], sigma * info["input_scale"]
     torch.testing.assert_close(alpha * x_t - sig_t * v, a, rtol=1e-4, atol=1e-4)  # x̂_0 = α·x_t − σ_t·v
+    assert info["recipe"].endswith("x0 = input_scale * (x_t - sigma_init * out)")  # the same, spelled out
 
 
 def test_export_round_trips_a_teacher_and_refuses_fewstep_networks(pipe, tmp_path, capsys):

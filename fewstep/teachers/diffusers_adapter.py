@@ -245,7 +245,7 @@ def save_diffusers(model, path: str | Path) -> Path:
     plain diffusers, a one-step student samples with one UNet call ``out = unet(x_t, t).sample`` on
     ``x_t = α·σ·z``, α = 1/√(1+σ²) (``one_step.input_scale``), σ = ``one_step.sigma_init``,
     t = ``one_step.timestep`` (all in ``fewstep.json``), then ``x̂_0 = σ·(z − out)`` for ε-prediction
-    or ``x̂_0 = α·x_t − σ·α·out`` for v-prediction.
+    or ``x̂_0 = α·(x_t − σ·out)`` for v-prediction (``one_step.recipe`` spells it out).
     """
     from diffusers import DDPMPipeline, DDPMScheduler
 
@@ -264,8 +264,12 @@ def save_diffusers(model, path: str | Path) -> Path:
             "data": model.config["data"], "provenance": model.config.get("provenance", {})}
     if model.is_generator:
         sigma = float(model.sampling.get("sigma_init", 2.5))
+        x0 = {"epsilon": "sigma_init * (z - out)", "v_prediction": "input_scale * (x_t - sigma_init * out)",
+              "sample": "out"}[den.prediction]
         info["one_step"] = {"sigma_init": sigma, "timestep": float(den.sigma_to_t(torch.tensor([sigma]))[0]),
-                            "input_scale": 1.0 / (1.0 + sigma * sigma) ** 0.5}
+                            "input_scale": 1.0 / (1.0 + sigma * sigma) ** 0.5, "prediction": den.prediction,
+                            "recipe": f"z ~ N(0, I); x_t = input_scale * sigma_init * z; "
+                                      f"out = unet(x_t, timestep).sample; x0 = {x0}"}
     (path / EXPORT_FILE).write_text(json.dumps(info, indent=2) + "\n")
     return path
 
