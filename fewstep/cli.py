@@ -137,25 +137,27 @@ def cmd_distill(args) -> int:
         need = f"{args.method} trains on data" if cls.uses_data else "--eval-n compares with real images"
         raise FewstepError(f"{need}, and a diffusers teacher names no dataset: pass the images it was trained "
                            "on with --data (a built-in name, a .npy/.npz file or an image folder)")
+    from .data import load_dataset
+
+    dataset = None
     if teacher.data_info.name == DIFFUSERS_DATA and args.data:  # the student then names the data it was given
-        from .data import load_dataset
         from .methods.base import DataInfo
 
-        shape = tuple(load_dataset(args.data, split="train").x.shape[1:])
+        dataset = load_dataset(args.data, split="train")
+        shape = tuple(dataset.x.shape[1:])
         if shape != tuple(teacher.data_info.sample_shape):
             raise FewstepError(f"--data {args.data} holds images of shape {list(shape)} but the diffusers teacher "
                                f"makes {list(teacher.data_info.sample_shape)}: pass the images it was trained on")
         teacher.config["data"] = {**teacher.config["data"], "name": args.data}
         teacher.data_info = DataInfo.from_dict(teacher.config["data"])
-    dataset = None
     if cls.uses_data:
-        from .data import load_dataset
-
         if not data_name:
             raise FewstepError(f"{args.method} trains on data: pass --data NAME_OR_PATH")
-        dataset = load_dataset(data_name, split="train")
+        dataset = load_dataset(data_name, split="train") if dataset is None else dataset
         if teacher.data_info.num_classes == 0:
             dataset.labels = None
+    else:
+        dataset = None  # data-free methods get no batches
     init = load_model(args.init, device=train_cfg.device) if getattr(args, "init", None) else None
     torch.manual_seed(train_cfg.seed)
     method = cls.create(cfg, teacher=teacher, dataset=dataset, init=init)
