@@ -234,7 +234,8 @@ def cmd_eval(args) -> int:
     inception = resolve_weights_path(args.inception)  # a named but missing file fails here, before sampling
     model = load_model(args.checkpoint, device=args.device)
     kw = dict(n=args.n, sampler=args.sampler, steps=args.steps, schedule=args.schedule, data=args.data,
-              guidance=args.guidance, batch_size=args.batch_size, inception=str(inception) if inception else None)
+              guidance=args.guidance, batch_size=args.batch_size, inception=str(inception) if inception else None,
+              feature_net=args.feature_net)
     if args.seeds:
         result = evaluate_model_seeds(model, args.seeds, **kw)
     else:
@@ -341,6 +342,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, help="also write the metrics to this file")
     p.add_argument("--inception", default=None, help="standard FID Inception weights file (pt_inception-2015-12-05, "
                                                      "or $FEWSTEP_INCEPTION): adds Inception FID for images")
+    p.add_argument("--feature-net", default=None, metavar="FILE",
+                   help="feature net for FD/KID/precision/recall (default: the one shipped for the data); for your "
+                        "own labelled images train one with `python -m fewstep.eval.feature_net --dataset PATH --out FILE`")
     p.add_argument("--seeds", type=int, nargs="+", default=None, metavar="SEED",
                    help="evaluate at each of these noise seeds (instead of --seed) and report every metric's "
                         "mean and std over them: an FD at n = 1000 moves between seeds as much as between "

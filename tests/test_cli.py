@@ -137,3 +137,30 @@ def test_help_lists_methods_and_options():
     res = subprocess.run([sys.executable, "-m", "fewstep", "distill", "--help"], capture_output=True, text=True)
     for m in ("sid", "diff-instruct", "dmd", "progressive", "tract", "kd"):
         assert m in res.stdout
+
+
+def test_eval_with_a_feature_net_trained_on_your_own_labelled_images(tmp_path, capsys):
+    """`--feature-net FILE`: FD & co. in the space of a feature net the user trained on their own data
+    (`python -m fewstep.eval.feature_net --dataset PATH`); the shipped one passed by path gives the default."""
+    from fewstep.data import load_dataset
+    from fewstep.eval import feature_net
+
+    ds = load_dataset("digits", split="all")
+    mine = tmp_path / "mine.npz"
+    np.savez(mine, x=ds.x.numpy(), labels=ds.labels.numpy())
+    common = ["eval", "shipped:digits", "--n", "60", "--sampler", "euler", "--steps", "2"]
+    capsys.readouterr()
+    assert main(common + ["--data", str(mine)]) == 2
+    assert "--feature-net" in capsys.readouterr().err  # the error names the way out
+    assert feature_net.main(["--dataset", str(mine), "--epochs", "1", "--out", str(tmp_path / "f.safetensors")]) == 0
+    capsys.readouterr()
+    assert main(common + ["--data", str(mine), "--feature-net", str(tmp_path / "f.safetensors")]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["feature_net"] == "mine-featnet" and r["fd_mine-featnet"] > 0  # named after the file
+    assert "fd_floor_mine-featnet" in r
+    shipped = feature_net.asset_paths("digits")[0]
+    assert main(common + ["--data", "digits"]) == 0
+    default = json.loads(capsys.readouterr().out)
+    assert main(common + ["--data", "digits", "--feature-net", str(shipped)]) == 0
+    explicit = json.loads(capsys.readouterr().out)
+    assert explicit["fd_digits-featnet"] == default["fd_digits-featnet"]

@@ -72,7 +72,7 @@ def _resolve_net(feature_net, dataset) -> FeatureNet:
             f"no feature net is shipped for dataset {name!r}: `fewstep eval ... --inception FILE` measures "
             f"Inception FID on any image data; or train a feature net on labelled images with "
             f"`python -m fewstep.eval.feature_net --dataset {name} --out my_featnet.safetensors` "
-            f"and pass feature_net='my_featnet.safetensors'")
+            f"and pass --feature-net my_featnet.safetensors (feature_net= in Python)")
     return load_feature_net(name)
 
 

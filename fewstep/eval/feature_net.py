@@ -291,9 +291,15 @@ def train_feature_net(dataset_name: str, *, epochs: int | None = None, seed: int
     return net, meta
 
 
+def _short_name(dataset_name) -> str:
+    """A built-in dataset's name, or a user file's / folder's stem (``my_images/``, ``mine.npz`` → ``mine``)."""
+    p = Path(str(dataset_name))
+    return p.stem if (len(p.parts) > 1 or p.suffix) else str(dataset_name)
+
+
 def _fit(dataset_name, cfg, x, y, test, *, epochs, seed, batch_size, lr, max_shift, verbose):
     gen = torch.Generator().manual_seed(seed)
-    net = FeatureNet(cfg, name=f"{dataset_name}-featnet")
+    net = FeatureNet(cfg, name=f"{_short_name(dataset_name)}-featnet")  # metric keys: fd_<name>
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=5e-4)
     steps_per_epoch = math.ceil(x.shape[0] / batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * steps_per_epoch,

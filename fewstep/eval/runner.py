@@ -8,6 +8,7 @@ count. Every result states the NFE, the sampler and the sample count.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import torch
 
@@ -29,23 +30,30 @@ def mixture_for(data: str | None):
 
 
 def measure(samples: torch.Tensor, data: str, *, labels=None, seed: int = 0,
-            feature_net_required: bool = True) -> dict:
+            feature_net_required: bool = True, feature_net=None) -> dict:
     """Metrics of ``samples`` (model space) against the data named ``data``.
 
-    Images of data that no feature net is shipped for raise, unless ``feature_net_required``
-    is false (Inception FID is measured instead): then only the sample count comes back.
+    Images are measured in the feature space of ``feature_net`` (a :class:`FeatureNet` or the
+    path of one, e.g. trained on your own labelled images with ``python -m fewstep.eval.feature_net``),
+    by default the one shipped for ``data``. Images of data that has none raise, unless
+    ``feature_net_required`` is false (Inception FID is measured instead): then only the sample
+    count comes back.
     """
     from .evaluate import _drop_nonfinite, evaluate_samples, fd_floor, has_feature_net
+    from .feature_net import load_feature_net
+
+    if isinstance(feature_net, (str, Path)):
+        feature_net = load_feature_net(feature_net)  # once, for the metrics and the floor
 
     mix = mixture_for(data)
     if mix is not None:
         g = torch.Generator().manual_seed(seed + 1)
         ref = mix.sample(samples.shape[0], generator=g).float()
         return evaluate_samples(samples, mixture=mix, reference=ref, seed=seed)
-    if samples.ndim == 4 and not feature_net_required and not has_feature_net(data):
+    if samples.ndim == 4 and feature_net is None and not feature_net_required and not has_feature_net(data):
         x, _, nonfinite = _drop_nonfinite(samples)
         return {"kind": "images", "n": int(x.shape[0]), "nonfinite_fraction": nonfinite, "feature_net": None}
-    out = evaluate_samples(samples, dataset=data, labels=labels, seed=seed)
+    out = evaluate_samples(samples, dataset=data, labels=labels, seed=seed, feature_net=feature_net)
     if out["kind"] != "images":
         return out
     from ..data import load_dataset
@@ -55,9 +63,9 @@ def measure(samples: torch.Tensor, data: str, *, labels=None, seed: int = 0,
     n_floor = min(out["n"], n_test)
     name = out["feature_net"]
     if n_floor < out["n"]:  # FD at the floor's sample count too, so the two compare
-        sub = evaluate_samples(samples[:n_floor], dataset=data, seed=seed)
+        sub = evaluate_samples(samples[:n_floor], dataset=data, seed=seed, feature_net=feature_net)
         out[f"fd_{name}_at_floor_n"] = sub[f"fd_{name}"]
-    out[f"fd_floor_{name}"] = fd_floor(data, n_floor, seed=seed)
+    out[f"fd_floor_{name}"] = fd_floor(data, n_floor, seed=seed, feature_net=feature_net)
     out["n_floor"] = n_floor
     return out
 
@@ -65,10 +73,11 @@ def measure(samples: torch.Tensor, data: str, *, labels=None, seed: int = 0,
 def evaluate_model(model, *, n: int = 1000, seed: int = 0, sampler: str | None = None,
                    steps: int | None = None, data: str | None = None, guidance: float | None = None,
                    batch_size: int | None = 500, inception: str | None = None,
-                   schedule: str | None = None) -> dict:
+                   schedule: str | None = None, feature_net=None) -> dict:
     """Sample ``n`` from ``model`` with the given sampler (and σ ``schedule``; default: the
     checkpoint's recipe), time it, and measure the samples.
 
+    ``feature_net``: the feature net (or its path) for FD & co. (default: the one shipped for ``data``).
     ``inception``: path of the standard FID Inception weights; image samples then also get
     ``fid_inception`` & co. (:mod:`fewstep.eval.inception`), and data without a shipped feature
     net (your own images, ``data`` a path) is measured by those alone.
@@ -85,7 +94,7 @@ def evaluate_model(model, *, n: int = 1000, seed: int = 0, sampler: str | None =
         from ..model import balanced_labels
 
         labels = balanced_labels(n, model.data_info.num_classes)
-    metrics = measure(res.x.detach().cpu().float(), data, labels=labels, seed=seed,
+    metrics = measure(res.x.detach().cpu().float(), data, labels=labels, seed=seed, feature_net=feature_net,
                       feature_net_required=not inception)  # with Inception FID, any image data will do
     if inception and metrics.get("kind") == "images":
         from .inception import inception_metrics
