@@ -72,7 +72,7 @@ def _evaluator(args, data_name: str | None):
         return None
     from .eval.runner import make_evaluator
 
-    return make_evaluator(data_name, n=n)
+    return make_evaluator(data_name, n=n, feature_net=getattr(args, "feature_net", None))
 
 
 # ---- fewstep teacher --------------------------------------------------------------------------------
@@ -303,6 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run folder (re-running the same command resumes it)")
     p.add_argument("--conditional", action="store_true", help="class-conditional teacher (labelled data)")
     p.add_argument("--eval-n", type=int, default=None, help="samples per in-run/final evaluation (default: none)")
+    p.add_argument("--feature-net", default=None, metavar="FILE",
+                   help="feature net for the in-run evaluation of images fewstep ships none for (your own "
+                        "labelled images: python -m fewstep.eval.feature_net --dataset PATH --out FILE)")
     add_dataclass_args(p, TeacherConfig, "teacher")
     _train_args(p)
     p.set_defaults(func=cmd_teacher)
@@ -323,6 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
         mp.add_argument("--init", default=None, help="initialise the student from this model instead of the teacher "
                                                      "(needed for exact mixture teachers, which have no weights)")
         mp.add_argument("--eval-n", type=int, default=None, help="samples per in-run/final evaluation (default: none)")
+        mp.add_argument("--feature-net", default=None, metavar="FILE",
+                        help="feature net for the in-run evaluation of images fewstep ships none for (your own "
+                             "labelled images: python -m fewstep.eval.feature_net --dataset PATH --out FILE)")
         add_dataclass_args(mp, cls.Config, name)
         _train_args(mp)
         mp.set_defaults(func=cmd_distill)

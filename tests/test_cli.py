@@ -164,3 +164,11 @@ def test_eval_with_a_feature_net_trained_on_your_own_labelled_images(tmp_path, c
     assert main(common + ["--data", "digits", "--feature-net", str(shipped)]) == 0
     explicit = json.loads(capsys.readouterr().out)
     assert explicit["fd_digits-featnet"] == default["fd_digits-featnet"]
+    # in-run evaluation while training on those images: refused before training without a feature net
+    train = ["teacher", "--data", str(mine), "--out", str(tmp_path / "t"), "--total-kimg", "0.064", "--batch-size",
+             "32", "--eval-n", "40", *QUIET]
+    assert main(train) == 2
+    assert "--feature-net" in capsys.readouterr().err and not (tmp_path / "t" / "checkpoints").exists()
+    assert main(train + ["--feature-net", str(tmp_path / "f.safetensors")]) == 0
+    curve = [json.loads(line) for line in (tmp_path / "t" / "metrics.jsonl").read_text().splitlines()]
+    assert curve and all("fd_mine-featnet" in r for r in curve)

@@ -139,8 +139,26 @@ def headline(metrics: dict) -> dict:
             if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in skip}
 
 
-def make_evaluator(data: str | None, *, n: int = 1000, seed: int = 0):
-    """A callable ``model -> metrics`` for in-run evaluation by the training loop."""
+def make_evaluator(data: str | None, *, n: int = 1000, seed: int = 0, feature_net=None):
+    """A callable ``model -> metrics`` for in-run evaluation by the training loop.
+
+    ``feature_net``: a feature net or its path, for images of data fewstep ships none for. Images
+    without one fail here, before any training, rather than at the first evaluation.
+    """
+    from .evaluate import has_feature_net
+    from .feature_net import load_feature_net
+
+    if isinstance(feature_net, (str, Path)):
+        feature_net = load_feature_net(feature_net)
+    elif feature_net is None and data and mixture_for(data) is None and not has_feature_net(data):
+        from ..data import load_dataset
+
+        if load_dataset(data, split="train").kind == "images":
+            raise FewstepError(f"in-run evaluation (--eval-n) of {data!r} needs a feature net: fewstep ships none for "
+                               "it; train one on labelled images with `python -m fewstep.eval.feature_net --dataset "
+                               "PATH --out FILE` and pass --feature-net FILE, or drop --eval-n and use `fewstep eval "
+                               "--inception` afterwards")
+
     def evaluator(model) -> dict:
-        return headline(evaluate_model(model, n=n, seed=seed, data=data))
+        return headline(evaluate_model(model, n=n, seed=seed, data=data, feature_net=feature_net))
     return evaluator
