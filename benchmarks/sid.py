@@ -259,6 +259,15 @@ IMAGE_RUNS["digits-fake-eval"] = {**IMAGE_RUNS["digits"], "options": IMAGE_RUNS[
 # 660 kimg 0.667 / 0.603 / 0.596, mean 0.622, 0.499 (below the teacher at 2 of 3 seeds at 570 kimg, 1 of 3 at
 # 660). So on digits the one-step student reaches its teacher's seed mean at ~570 kimg, 1.9x the ~300 kimg that
 # 28 minutes on one core gave on the faster machine, and levels off there: with 5000 samples it stays above.
+# 2026-12-01, eleventh session, the slow machine again. The EMA is not what holds the student back: the EMA
+# recurrence is linear, so a window average of the raw generator is (E_b − B·E_a)/(1 − B) from two EMA snapshots
+# (B the product of the per-iteration betas between them); on that 90-minute run, windows ending at 300 kimg,
+# 30 / 120 kimg wide, seed mean 0.797 / 0.765 (5000 samples 0.694 / 0.634) against the EMA's 0.807 (0.695); at
+# 390 kimg 30 / 60 / 90 / 150 kimg wide 0.887 / 0.843 / 0.821 / 0.740 against 0.744; at 450, 510, 570 kimg 0.716,
+# 0.686, 0.681 against 0.691, 0.674, 0.628. Two more trials (in-run FD, seed 0, at 24 / 48 / 72 / 96 / 120 kimg;
+# that run 2.176 / 1.508 / 1.208 / 0.999 / 0.916): --lr-fake 2e-4 2.080 / 1.471 / 1.282 / 1.181 / 1.168; Adam β2
+# 0.99 for both networks 2.167 / 1.601 / 1.344 / 1.125 / 1.049 (both stopped). Images per second saturate at
+# batch 128 (one core: 2.65 ms per image for a fwd+bwd of the digits net at 128, 2.74 at 256 and 512).
 IMAGE_RUNS["digits-tmax-switch"] = {**IMAGE_RUNS["digits"], "lr": "5e-5",
                                     "options": ("--t-max-end", "500", "--t-max-anneal-kimg", "150,150")}
 IMAGE_RUNS["digits-reference"] = {**IMAGE_RUNS["digits"], "lr": "5e-5", "options": ()}
