@@ -44,10 +44,8 @@ def _dataset_name(dataset) -> str | None:
 
 def has_feature_net(dataset) -> bool:
     """Whether fewstep ships a feature net for ``dataset`` (a name or a Dataset)."""
-    from ..teachers.diffusers_adapter import DATA_NAME as DIFFUSERS_DATA
-
     name = _dataset_name(dataset)
-    return name is not None and name != DIFFUSERS_DATA and asset_paths(name)[0].is_file()
+    return name is not None and asset_paths(name)[0].is_file()
 
 
 def _resolve_net(feature_net, dataset) -> FeatureNet:

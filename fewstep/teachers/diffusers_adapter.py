@@ -213,11 +213,11 @@ def diffusers_model(unet: nn.Module, scheduler_or_config, *, name: str = DATA_NA
     """
     from ..model import FORMAT, FewstepModel
 
-    if type(unet).__name__ not in UNET_CLASSES or not hasattr(unet, "config"):
-        raise FewstepError(f"fewstep distils diffusers {', '.join(UNET_CLASSES)} teachers, got "
-                           f"{type(unet).__name__} (text-conditional UNets need an encoder fewstep does not run)")
     den = from_diffusers(unet, scheduler_or_config, prediction_type=prediction_type,
                          has_null_class=has_null_class, quantize=quantize)
+    if not is_diffusers_denoiser(den):  # what a checkpoint can hold (diffusers_spec)
+        raise FewstepError(f"fewstep distils diffusers {', '.join(UNET_CLASSES)} teachers, got "
+                           f"{type(unet).__name__} (text-conditional UNets need an encoder fewstep does not run)")
     cfg = unet.config
     size = cfg.get("sample_size")
     if size is None:

@@ -76,10 +76,8 @@ class EDMTeacher(Method):
         return [Phase("denoiser", "denoiser", self.loss)]
 
     def export_config(self) -> dict:
-        from ..nets.build import net_config
+        from ..model import network_spec
 
-        return {"format": "fewstep.model", "version": 1, "type": "denoiser",
-                "net": net_config(self.denoiser.net),
-                "precond": {"name": "edm", "sigma_data": self.config.sigma_data},
+        return {"format": "fewstep.model", "version": 1, "type": "denoiser", **network_spec(self.denoiser),
                 "data": self.data_info.to_dict(),
                 "sampling": {"sampler": "heun", "steps": 18, "schedule": "karras"}}
