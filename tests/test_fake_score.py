@@ -239,3 +239,64 @@ def test_bf16_autocast_sid_generator_gradient_agrees_with_fp32():
     assert not torch.equal(g32, g16)  # bf16 did run
     assert torch.nn.functional.cosine_similarity(g32, g16, dim=0) > 0.99
     assert 0.9 < float(g16.norm() / g32.norm()) < 1.1
+
+
+class _NaNRow0(torch.nn.Module):
+    """A teacher whose output is NaN for the batch's first row only (an overflow at its output)."""
+
+    def __init__(self, den):
+        super().__init__()
+        self.den = den
+
+    def forward(self, x, sigma, labels=None):
+        y = self.den(x, sigma, labels)
+        return torch.cat([torch.full_like(y[:1], float("nan")), y[1:]])
+
+
+@pytest.mark.parametrize("method", ["sid", "diff-instruct", "dmd"])
+def test_a_non_finite_sample_is_dropped_and_the_rest_of_the_batch_still_trains_the_generator(method):
+    from fewstep.methods.base import get_method
+
+    cls = get_method(method)
+    m = cls.create(cls.Config(), teacher=_teacher())
+    m.batch_size = 8
+    with torch.no_grad():  # a fake score that differs from the teacher, so the gradient is not 0
+        for p in m.fake.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    m.teacher.requires_grad_(False)
+    grads = {}
+    for name, teacher in (("clean", m.teacher), ("nan", _NaNRow0(m.teacher))):
+        m.teacher = teacher
+        m.G.zero_grad()
+        torch.manual_seed(3)
+        loss, stats = m.generator_loss(None)
+        loss.backward()
+        grads[name] = torch.cat([p.grad.flatten() for p in m.G.parameters()])
+        assert torch.isfinite(loss) and stats["nan_samples/generator"] == (name == "nan")
+    assert torch.isfinite(grads["nan"]).all()
+    assert grads["nan"].abs().sum() > 0 and not torch.allclose(grads["nan"], grads["clean"])
+
+
+def test_dmd_regression_pairs_follow_the_teachers_guidance_scale():
+    from fewstep.diffusion.guidance import CFGDenoiser
+
+    net = {**NET, "num_classes": 3}
+    torch.manual_seed(0)
+    den = EDMPrecond(build_net(net))
+    with torch.no_grad():
+        for p in den.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    teacher = FewstepModel(den, {"type": "denoiser", "net": net, "precond": {"name": "edm", "sigma_data": 0.5},
+                                 "data": {"kind": "points", "sample_shape": [2], "num_classes": 3, "name": "x"}})
+    m = DMD.create(DMDConfig(guidance_teacher=3.0, regression_weight=0.25, regression_pairs=32, regression_steps=4),
+                   teacher=teacher)
+    m.batch_size = 8
+    m.optimizers = m.build_optimizers()
+    m.generator_loss(None)
+    z, x, labels = m.pairs
+    sig = karras_sigmas(4)
+    with torch.no_grad():
+        guided = heun(CFGDenoiser(m.teacher, 3.0, null_label=3), z * sig[0], sig, labels).x
+        unguided = heun(m.teacher, z * sig[0], sig, labels).x
+    torch.testing.assert_close(x, guided)
+    assert (x - unguided).abs().max() > 1e-2

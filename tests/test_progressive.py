@@ -107,6 +107,29 @@ def test_last_step_target_is_the_teachers_x_hat():
     torch.testing.assert_close(target, teacher(x_mid, mid), rtol=0, atol=0)
 
 
+def test_float32_target_keeps_the_teachers_precision_at_many_steps():
+    """At N = 4096 the landing-point form (x'' − r·x)/(1 − r) divides the teacher's float32 rounding by
+    1 − r ≈ 2π·t_max/N; the target built from the two x̂ (two_step_target) stays at float32 precision."""
+    mix = _mix()
+    teacher = mix.denoiser()
+    g = torch.Generator().manual_seed(0)
+    n, N = 4000, 4096
+    idx = torch.randint(0, N, (n,), generator=g)
+    s, s2 = step_sigmas(N), step_sigmas(2 * N)
+    sig, mid, nxt = s[idx], s2[2 * idx + 1], s[idx + 1]
+    x = (mix.sample(n, generator=g) + sig.double()[:, None] * torch.randn(n, 2, generator=g, dtype=torch.float64)).float()
+    ref = progressive_target(teacher, x.double(), sig.double(), mid.double(), nxt.double())
+    signal = ref - teacher(x.double(), sig.double())  # what the student learns beyond the teacher's one step
+    w = loss_weight(sig.double(), "truncated-snr")[:, None]
+
+    def noise_over_signal(t):
+        return float((w * (t.double() - ref) ** 2).mean() / (w * signal ** 2).mean())
+
+    assert noise_over_signal(progressive_target(teacher, x, sig, mid, nxt)) < 1e-4
+    x_next = ddim_step(ddim_step(x, teacher(x, sig), sig, mid), teacher(ddim_step(x, teacher(x, sig), sig, mid), mid), mid, nxt)
+    assert noise_over_signal(distill_target(x.double(), x_next.double(), sig.double(), nxt.double())) > 1e-2
+
+
 # ---------------------------------------------------------------------------------------------
 # weightings and parameterisations
 # ---------------------------------------------------------------------------------------------
@@ -263,6 +286,44 @@ def test_killed_run_resumes_in_the_right_stage_exactly(tmp_path):
     for k, v in full.teacher.state_dict().items():
         torch.testing.assert_close(resumed.teacher.state_dict()[k], v, rtol=0, atol=0)
     assert sorted(p.name for p in (tmp_path / "b" / "stages").iterdir()) == ["steps-1", "steps-2"]
+
+
+def test_stage_layouts_that_skip_a_stage_or_mix_stages_are_refused(tmp_path):
+    teacher = load_model("mixture:ring8")
+    ds = load_dataset("mixture:ring8", n=2000)
+
+    def make(**kw):
+        return Progressive.create(ProgressiveConfig(start_steps=8, end_steps=1, lr=1e-3, **kw), teacher=teacher,
+                                  init=init_model(teacher))
+    # 3 stages of 1 kimg in 2 kimg: the 2 → 1 stage would never run (RUN/model would be the 2-step student)
+    with pytest.raises(FewstepError, match=r"stage 3 \(2 → 1 steps\).*at least 2\.1"):
+        Trainer(make(kimg_per_stage=1.0), _cfg(total_kimg=2.0), tmp_path / "a", dataset=ds).run_training()
+    # stages shorter than one iteration: students that are copies of their teachers
+    with pytest.raises(FewstepError, match=r"fewer than one iteration's 100.*at least 0\.3"):
+        Trainer(make(), _cfg(total_kimg=0.25), tmp_path / "b", dataset=ds).run_training()
+    # the loop's EMA would average students of different step counts
+    with pytest.raises(FewstepError, match="ema-residual"):
+        Trainer(make(), _cfg(ema_halflife_kimg=1.0), tmp_path / "c", dataset=ds).run_training()
+    assert not (tmp_path / "a" / "stages").exists() and not (tmp_path / "c" / "stages").exists()
+
+
+def test_resume_with_another_stage_layout_is_refused(tmp_path):
+    teacher = load_model("mixture:ring8")
+    ds = load_dataset("mixture:ring8", n=2000)
+
+    def make():
+        torch.manual_seed(0)
+        return Progressive.create(ProgressiveConfig(start_steps=4, end_steps=1, lr=1e-3), teacher=teacher,
+                                  init=init_model(teacher))
+    part = make()
+    Trainer(part, _cfg(total_kimg=2.0, checkpoint_every_kimg=0.2), tmp_path / "r",
+            dataset=ds).run_training(max_iterations=13)
+    assert part.stage == 1  # stage 2 (2 → 1) starts at 1 kimg of 2
+    with pytest.raises(FewstepError, match="resume with the --total-kimg"):
+        Trainer(make(), _cfg(total_kimg=4.0, checkpoint_every_kimg=0.2), tmp_path / "r", dataset=ds).run_training()
+    resumed = make()  # the layout it started with resumes
+    Trainer(resumed, _cfg(total_kimg=2.0, checkpoint_every_kimg=0.2), tmp_path / "r", dataset=ds).run_training()
+    assert resumed.stage == 1
 
 
 # ---------------------------------------------------------------------------------------------

@@ -138,6 +138,10 @@ class Method(abc.ABC):
         """Images the method consumes (data) or generates per iteration and process."""
         return batch_size
 
+    def check_training(self, train_config, world_size: int = 1) -> None:
+        """Hook the loop calls before training: refuse loop options the method cannot honour
+        (raise :class:`fewstep.errors.FewstepError` saying which option and what to pass instead)."""
+
     def begin_iteration(self, nimg: int, total_nimg: int) -> None:
         """Hook before each iteration (learning-rate schedules, stage switches)."""
 

@@ -14,7 +14,7 @@ import torch
 from ..config import require
 from ..diffusion.denoiser import append_dims
 from .base import register_method
-from .fake_score import FakeScoreConfig, FakeScoreMethod, denoise_both, generator_sigma
+from .fake_score import FakeScoreConfig, FakeScoreMethod, denoise_both, generator_sigma, guided
 
 
 def dmd_grad(x_g: torch.Tensor, y_real: torch.Tensor, y_fake: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
@@ -75,7 +75,9 @@ class DMD(FakeScoreMethod):
         self.pairs: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None
 
     def _make_pairs(self) -> None:
-        """Teacher ODE outputs for a fixed set of noises (generated once; checkpointed)."""
+        """Teacher ODE outputs for a fixed set of noises (generated once; checkpointed), with the
+        teacher under the guidance scale it has in the distribution-matching term, in full
+        precision whatever the run's --precision (the pairs are fixed targets)."""
         from ..diffusion.denoiser import karras_sigmas
         from ..diffusion.samplers import heun
 
@@ -84,8 +86,9 @@ class DMD(FakeScoreMethod):
         z = torch.randn((c.regression_pairs,) + tuple(self.data_info.sample_shape), generator=g)
         labels = self.draw_labels(c.regression_pairs)
         sig = karras_sigmas(c.regression_steps).to(self.device)
-        with torch.no_grad():
-            x = heun(self.teacher, z.to(self.device) * sig[0], sig, labels).x
+        teacher = guided(self.teacher, c.guidance_teacher, self.data_info.num_classes)
+        with torch.no_grad(), torch.autocast(self.device.type, enabled=False):
+            x = heun(teacher, z.to(self.device) * sig[0], sig, labels).x
         self.pairs = (z.to(self.device), x, labels)
 
     def extra_state(self):

@@ -254,6 +254,11 @@ class FakeScoreMethod(Method):
         per, info = self.per_sample_loss(x_g, guided(self.teacher, c.guidance_teacher, k),
                                          guided(self.fake, c.guidance_fake, k), labels)
         keep = finite_rows(x_g, info["y_real"], info["y_fake"])
+        if not keep.all() and x_g.requires_grad:
+            # the dropped rows' gradient is 0·NaN = NaN, which would reach every weight of G through
+            # its backward (and the loop would zero the whole step): zero those rows' gradient at x_g
+            mask = append_dims(keep, x_g.ndim)
+            x_g.register_hook(lambda g: torch.where(mask, g, torch.zeros_like(g)))
         loss = per[keep].sum() * (c.loss_scale / self.batch_size)
         info = {"nan_samples/generator": int((~keep).sum())}
         if c.t_max_end is not None:  # the annealed σ range, in the stats

@@ -24,8 +24,8 @@ from torch import nn
 from ..config import require
 from ..diffusion.denoiser import append_dims
 from .base import register_method
-from .step_distill import (StepDistillConfig, StepDistillMethod, distill_target, step_distill_loss,
-                           step_sigmas, teacher_ddim)
+from .step_distill import (StepDistillConfig, StepDistillMethod, step_distill_loss, step_sigmas, teacher_ddim,
+                           two_step_target)
 
 
 def halving_schedule(start_steps: int, end_steps: int = 1) -> list[int]:
@@ -41,10 +41,11 @@ def progressive_target(teacher: nn.Module, x: torch.Tensor, sigma: torch.Tensor,
                        sigma_next: torch.Tensor, labels=None) -> torch.Tensor:
     """x̃ for a student step σ → σ'' from the teacher's two DDIM steps σ → σ' → σ'' (per-sample ``[N]`` σ's).
 
-    Computed in float64; at σ'' = 0 it equals the teacher's x̂ at σ' exactly.
+    Formed from the teacher's two x̂ (:func:`two_step_target`), so its rounding does not grow with
+    the step count; at σ'' = 0 it equals the teacher's x̂ at σ' exactly.
     """
-    x_next, _ = teacher_ddim(teacher, x, [sigma, sigma_mid, sigma_next], labels)
-    return distill_target(x.double(), x_next.double(), sigma.double(), sigma_next.double()).to(x.dtype)
+    _, (x0_first, x0_second) = teacher_ddim(teacher, x, [sigma, sigma_mid, sigma_next], labels)
+    return two_step_target(x0_first, x0_second, sigma, sigma_mid, sigma_next)
 
 
 def progressive_sigmas(student_steps: int, index: torch.Tensor, sigma_max: float = 80.0):

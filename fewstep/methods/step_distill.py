@@ -136,6 +136,26 @@ def distill_target(x: torch.Tensor, x_next: torch.Tensor, sigma, sigma_next) -> 
     return (x_next - r * x) / (1 - r)
 
 
+def two_step_target(x0_first: torch.Tensor, x0_second: torch.Tensor, sigma, sigma_mid, sigma_next) -> torch.Tensor:
+    """x̃ of two DDIM steps σ → σ' → σ'' written through the two denoised estimates x̂₁ (at σ), x̂₂ (at σ').
+
+    Expanding the two steps, x'' − (σ''/σ)·x = (1 − σ''/σ')·x̂₂ + (σ''/σ')(1 − σ'/σ)·x̂₁, so
+
+        x̃ = w₂·x̂₂ + w₁·x̂₁,   w₂ = (1 − σ''/σ')/(1 − σ''/σ),   w₁ = (σ''/σ')(1 − σ'/σ)/(1 − σ''/σ),
+
+    with w₁ + w₂ = 1 (σ'' = 0: x̂₂; σ'' = σ': x̂₁). The same x̃ as :func:`distill_target` of the
+    landing point, without its cancellation: (x'' − r·x)/(1 − r) divides by 1 − r ≈ 2π·t_max/N
+    and so magnifies the teacher's rounding N-fold; here the weights are formed in float64 and
+    the error stays at the teacher's own precision at any step count.
+    """
+    s, m, n = (_b(v, x0_first).double() for v in (sigma, sigma_mid, sigma_next))
+    denom = 1 - n / s
+    q = torch.where(m > 0, n / m, torch.ones_like(m))  # σ' = 0 only with σ'' = σ' = 0: an empty second step
+    w2 = (1 - q) / denom
+    w1 = q * (1 - m / s) / denom
+    return (w2 * x0_second.double() + w1 * x0_first.double()).to(x0_first.dtype)
+
+
 def distill_target_z(z: torch.Tensor, z_next: torch.Tensor, alpha, sigma, alpha_next, sigma_next) -> torch.Tensor:
     """DESIGN's z-space x̃ = (z'' − (σ''/σ)·z)/(α'' − (σ''/σ)·α)."""
     r = _b(sigma_next, z) / _b(sigma, z)
@@ -349,9 +369,41 @@ class StepDistillMethod(Method):
     def on_stage_start(self) -> None:
         """Hook for subclasses (e.g. TRACT resets its self-teacher)."""
 
+    def check_training(self, train_config, world_size: int = 1) -> None:
+        """Every stage gets at least one iteration, and the loop's EMA (which would average across
+        stages: the next stage's teacher is the raw student) is off."""
+        if train_config.ema_halflife_kimg > 0:
+            raise FewstepError(
+                f"{self.name} trains stage by stage, each student starting from the previous one, so the "
+                f"loop's EMA (ema_halflife_kimg={train_config.ema_halflife_kimg:g}) would average students of "
+                "different step counts; set it to 0 (--ema-halflife-kimg 0, the CLI default) and use "
+                "--ema-residual for a per-stage EMA")
+        total = int(round(train_config.total_kimg * 1000))
+        per = self.images_per_iteration(train_config.batch_size) * world_size
+        starts = self.stage_starts(total)
+        for k in range(self.num_stages):
+            if starts[k + 1] - starts[k] < per:
+                s = self.num_stages
+                need = ((s - 1) * self.config.kimg_per_stage * 1000 + per if self.config.kimg_per_stage > 0
+                        else s * per)
+                raise FewstepError(
+                    f"{s} stages ({' → '.join(map(str, self.schedule))} steps) do not fit in "
+                    f"total_kimg={train_config.total_kimg:g}: stage {k + 1} ({self.schedule[k]} → "
+                    f"{self.schedule[k + 1]} steps) would get {max(starts[k + 1] - starts[k], 0)} images, fewer "
+                    f"than one iteration's {per}, and its student would be a copy of its teacher; raise "
+                    f"--total-kimg to at least {need / 1000:g}"
+                    + (" or lower --kimg-per-stage" if self.config.kimg_per_stage > 0 else ""))
+
     def begin_iteration(self, nimg: int, total_nimg: int) -> None:
         self._total_nimg = int(total_nimg)
         target = self.stage_at(nimg, total_nimg)
+        if self.stage > target:  # a resume whose stage layout (total / kimg per stage) changed
+            starts = self.stage_starts(total_nimg)
+            raise FewstepError(
+                f"the training state is in stage {self.stage + 1} ({self.teacher_steps} → {self.student_steps} "
+                f"steps), but at {nimg / 1000:g} kimg this run's stage layout (total {total_nimg / 1000:g} kimg, "
+                f"stages starting at {', '.join(f'{a / 1000:g}' for a in starts[:-1])} kimg) is in stage "
+                f"{target + 1}: resume with the --total-kimg and --kimg-per-stage the run started with")
         while self.stage < target:
             self.advance_stage()
         starts = self.stage_starts(total_nimg)
@@ -436,6 +488,6 @@ class StepDistillMethod(Method):
 
 __all__ = [
     "PREDICTIONS", "WEIGHTINGS", "sampling_recipe", "step_sigmas", "ddim_step", "ddim_step_z",
-    "distill_target", "distill_target_z", "snr", "loss_weight", "x0_to_v_sigma", "resolve_weighting",
+    "distill_target", "two_step_target", "distill_target_z", "snr", "loss_weight", "x0_to_v_sigma", "resolve_weighting",
     "step_distill_loss", "teacher_ddim", "StepDistillConfig", "StepDistillMethod",
 ]

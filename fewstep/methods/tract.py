@@ -27,8 +27,8 @@ from torch import nn
 from ..config import require
 from ..diffusion.denoiser import append_dims
 from .base import register_method
-from .step_distill import (StepDistillConfig, StepDistillMethod, ddim_step, distill_target, step_distill_loss,
-                           step_sigmas)
+from .step_distill import (StepDistillConfig, StepDistillMethod, ddim_step, step_distill_loss, step_sigmas,
+                           two_step_target)
 
 
 def tract_indices(teacher_steps: int, student_steps: int, j: torch.Tensor):
@@ -46,15 +46,15 @@ def tract_target(teacher: nn.Module, self_teacher: nn.Module, x: torch.Tensor, s
                  labels=None) -> torch.Tensor:
     """TRACT's x̃: teacher step σ → σ_t', then (where ``~at_boundary``) a self-teacher step σ_t' → σ_b."""
     x0 = teacher(x, sigma, labels).to(x.dtype)
-    x1 = ddim_step(x, x0, sigma, sigma_teacher)
-    x_b = x1.clone()
+    x0_second = x0.clone()  # at the boundary the second step is empty and x̃ = the teacher's x̂
     inner = ~at_boundary
     if inner.any():
         lab = labels[inner] if labels is not None else None
-        x1i, s1, sb = x1[inner], sigma_teacher[inner], sigma_boundary[inner]
-        x0s = self_teacher(x1i, s1, lab).to(x.dtype)
-        x_b[inner] = ddim_step(x1i, x0s, s1, sb)
-    return distill_target(x.double(), x_b.double(), sigma.double(), sigma_boundary.double()).to(x.dtype)
+        s1 = sigma_teacher[inner]
+        x1i = ddim_step(x[inner], x0[inner], sigma[inner], s1)
+        x0_second[inner] = self_teacher(x1i, s1, lab).to(x.dtype)
+    # x̃ = (x_b − (σ_b/σ)·x)/(1 − σ_b/σ), formed from the two x̂ without cancellation
+    return two_step_target(x0, x0_second, sigma, sigma_teacher, sigma_boundary)
 
 
 def tract_loss(student: nn.Module, teacher: nn.Module, self_teacher: nn.Module, x0: torch.Tensor,

@@ -136,6 +136,7 @@ class Trainer:
         m.to(self.device)
         m.batch_size = self.cfg.batch_size
         m.run_dir = self.run.root  # methods may write artefacts of their own there (e.g. stage students)
+        m.check_training(self.cfg, self.world)
         for net in m.nets.values():
             dist.broadcast_module(net)
         for net in m.frozen.values():
