@@ -131,6 +131,9 @@ def cmd_distill(args) -> int:
     cls = get_method(args.method)
     train_cfg = dataclass_from_args(TrainConfig, args, getattr(cls, "train_defaults", None))
     cfg = dataclass_from_args(cls.Config, args)
+    from .training.distributed import process_device
+
+    train_cfg.device = str(process_device(train_cfg.device))  # under torchrun: this process's GPU
     teacher = load_model(args.teacher, device=train_cfg.device)
     data_name = args.data or teacher.data_info.name
     if data_name == DIFFUSERS_DATA and (cls.uses_data or getattr(args, "eval_n", None)):

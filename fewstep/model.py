@@ -29,7 +29,7 @@ from torch import nn
 from .diffusion.denoiser import EDMPrecond
 from .errors import FewstepError
 from .methods.base import DataInfo
-from .training.checkpoint import (load_state_dict_strict, read_json, read_tensors,
+from .training.checkpoint import (load_state_dict_strict, read_json, read_tensors, recover_checkpoint_dir,
                                   write_checkpoint_dir)
 
 FORMAT = "fewstep.model"
@@ -174,6 +174,8 @@ def resolve_model_dir(path: str | Path) -> Path:
     p = Path(path)
     if p.is_file() and p.suffix == ".safetensors":
         p = p.parent
+    recover_checkpoint_dir(p)
+    recover_checkpoint_dir(p / "model")  # a run killed while it replaced RUN/model
     if (p / "config.json").is_file() and (p / "model.safetensors").is_file():
         return p
     if (p / "model" / "config.json").is_file():

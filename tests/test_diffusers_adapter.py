@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from fewstep.diffusion.samplers import SAMPLERS, sample
+from fewstep.diffusion.samplers import SAMPLERS, make_sigmas, sample
 from fewstep.errors import FewstepError
 from fewstep.teachers.diffusers_adapter import from_diffusers, scheduler_alphas_cumprod
 
@@ -102,6 +102,24 @@ def test_vp_uniform_schedule_uses_the_unets_own_table(unet):
     den = from_diffusers(unet, sched)
     res = sample(den, (2, 1, 8, 8), sampler="ddim", steps=4, schedule="vp-uniform", seed=0)
     assert torch.isfinite(res.x).all()
+
+
+def test_guided_sampling_on_vp_uniform_uses_the_unets_own_table():
+    from fewstep.diffusion.guidance import CFGDenoiser
+
+    sched = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    den = from_diffusers(tiny_unet(num_class_embeds=3, seed=1), sched, has_null_class=True)
+    want = make_sigmas("vp-uniform", 3, alphas_cumprod=den.alphas_cumprod)
+    assert float(want[0]) == pytest.approx(den.sigma_max, rel=1e-4)  # ≈ 14.6, not the linear table's 157
+    guided = CFGDenoiser(den, 2.0)
+    torch.testing.assert_close(guided.alphas_cumprod, den.alphas_cumprod)
+    seen = []
+    hook = den.register_forward_pre_hook(lambda m, args: seen.append(float(args[1].flatten()[0])))
+    try:
+        sample(guided, (2, 1, 8, 8), sampler="ddim", steps=3, schedule="vp-uniform", seed=0, labels=torch.tensor([0, 1]))
+    finally:
+        hook.remove()
+    assert seen == pytest.approx(want[:-1].tolist(), rel=1e-5)
 
 
 def test_class_labels_reach_the_unet():

@@ -106,6 +106,22 @@ def test_ddim_trajectory_on_vp_uniform_grid_equals_diffusers():
     torch.testing.assert_close(got.x, x_t, rtol=1e-3, atol=1e-3)  # ᾱ' = 1 at the end: x_σ = x_t
 
 
+def test_vp_uniform_grid_has_steps_points_and_is_diffusers_trailing_grid_at_every_step_count():
+    """The float arange of the trailing spacing yields one point too many (t = −1) for some counts
+    (61, 103, 998, …); the grid keeps `steps` timesteps and equals DDIMScheduler's where it has them."""
+    from diffusers import DDIMScheduler
+
+    sched = DDIMScheduler(beta_schedule="linear", clip_sample=False, timestep_spacing="trailing")
+    a = sched.alphas_cumprod.double()
+    for n in range(1, 1001):
+        sigmas = make_sigmas("vp-uniform", n)
+        assert sigmas.shape == (n + 1,) and (sigmas[1:] < sigmas[:-1]).all() and sigmas[-1] == 0, n
+        sched.set_timesteps(n)
+        t = sched.timesteps[:n]
+        want = ((1 - a[t]) / a[t]).sqrt().float()
+        assert torch.equal(sigmas[:-1], want), n
+
+
 @pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
 def test_euler_steps_and_trajectory_equal_diffusers_euler_discrete(prediction):
     from diffusers import EulerDiscreteScheduler

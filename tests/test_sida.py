@@ -172,6 +172,8 @@ def test_bad_set_ups_are_clear_errors():
     wrong.x = wrong.x[:, :, :4, :4]
     with pytest.raises(FewstepError, match="--data"):
         SiDA.create(SiDAConfig(), teacher=_teacher(), dataset=wrong)
+    with pytest.raises(FewstepError, match="class-conditional.*no labels"):  # real images under random classes
+        SiDA.create(SiDAConfig(), teacher=_teacher(num_classes=3), dataset=_Data())
     assert SiDA.uses_data and SiDAConfig().alpha == 1.0 and SiDConfig().alpha == 1.2
     assert DataInfo  # the student is SiD's one-step generator (same export)
 

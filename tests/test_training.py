@@ -88,6 +88,85 @@ def test_interrupted_run_resumes_exactly(tmp_path, tiny_mlp):
                                                        (tmp_path / "a" / "stats.jsonl").read_text().splitlines()]
 
 
+def test_snapshots_and_evaluations_of_the_live_network_leave_it_training(tmp_path, tiny_mlp):
+    """Without an EMA the loop samples and evaluates the network being trained, in eval mode; its
+    dropout must be back on for the next iteration, and a resume must retrace the run exactly."""
+    net = {**tiny_mlp, "dropout": 0.2}
+    ds = load_dataset("8gaussians", split="train", n=2000)
+    cfg = _cfg(total_kimg=2.56, ema_halflife_kimg=0.0, snapshot_every_kimg=0.64, eval_every_kimg=0.64)
+    full = _teacher(net)
+    modes = []
+    begin = full.begin_iteration
+    full.begin_iteration = lambda nimg, total: (modes.append(full.nets[full.ema_net].training), begin(nimg, total))
+    evaluations = []
+
+    def evaluator(model):
+        evaluations.append(model.denoiser.training)
+        return {"n": 1}
+    Trainer(full, cfg, tmp_path / "a", dataset=ds, evaluator=evaluator).run_training()
+    assert len(modes) == 20 and all(modes)
+    assert len(evaluations) >= 3 and not any(evaluations)  # evaluated in eval mode
+    assert list((tmp_path / "a" / "samples").glob("samples-*.png"))  # snapshots were taken
+    Trainer(_teacher(net), cfg, tmp_path / "b", dataset=ds, evaluator=evaluator).run_training(max_iterations=7)
+    resumed = _teacher(net, seed=99)
+    Trainer(resumed, cfg, tmp_path / "b", dataset=ds, evaluator=evaluator).run_training()
+    a, b = full.nets[full.ema_net].state_dict(), resumed.nets[resumed.ema_net].state_dict()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_a_crash_between_the_two_renames_of_a_checkpoint_swap_loses_nothing(tmp_path, tiny_mlp):
+    """write_checkpoint_dir moves the old folder aside, then the new one into place; a kill between
+    the two leaves only the old one aside, which every reader (and the next write) puts back."""
+    import os
+
+    ds = load_dataset("8gaussians", split="train", n=2000)
+    run = tmp_path / "run"
+    Trainer(_teacher(tiny_mlp), _cfg(total_kimg=1.28, keep_checkpoints=1), run, dataset=ds).run_training()
+    before = load_model(run).denoiser.state_dict()
+    state = sorted((run / "checkpoints").glob("state-*"))
+    assert len(state) == 1
+    for folder in (run / "model", state[0]):  # the first rename of a swap, and then the kill
+        os.replace(folder, folder.with_name(f".{folder.name}.old"))
+    after = load_model(run).denoiser.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    resumed = Trainer(_teacher(tiny_mlp), _cfg(total_kimg=1.28, keep_checkpoints=1), run, dataset=ds)
+    assert resumed.latest_state() == state[0]
+    resumed.run_training()
+    assert resumed.iteration == 10 and not list(run.rglob(".*.old"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_interrupted_gpu_run_resumes_exactly(tmp_path, tiny_mlp):
+    """On a GPU the losses draw their noise from the device's generator: its state is checkpointed too."""
+    ds = load_dataset("8gaussians", split="train", n=2000)
+    cfg = _cfg(total_kimg=2.56, device="cuda")
+    full = Trainer(_teacher(tiny_mlp), cfg, tmp_path / "a", dataset=ds)
+    full.run_training()
+    Trainer(_teacher(tiny_mlp), cfg, tmp_path / "b", dataset=ds).run_training(max_iterations=7)
+    resumed = Trainer(_teacher(tiny_mlp, seed=99), cfg, tmp_path / "b", dataset=ds)
+    resumed.run_training()
+    a, b = _weights(full), _weights(resumed)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_torchrun_on_gpus_gives_each_process_its_own_gpu_and_a_backend_for_cpu_decisions(monkeypatch):
+    from fewstep.training import distributed as dist
+
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: chosen.append(torch.device(d)))
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert dist.process_device("cuda") == torch.device("cuda", 1) and chosen == [torch.device("cuda", 1)]
+    assert dist.process_device("cuda:0") == torch.device("cuda", 0)  # an explicit GPU is kept
+    assert dist.process_device("cpu") == torch.device("cpu")
+    monkeypatch.delenv("LOCAL_RANK")
+    assert dist.process_device("cuda") == torch.device("cuda")  # one process: the current GPU
+    # NCCL carries only CUDA tensors; the loop's stop/skip decisions are CPU tensors
+    assert dist.backend_for(torch.device("cuda", 1)) == "cpu:gloo,cuda:nccl"
+    assert dist.backend_for(torch.device("cpu")) == "gloo"
+
+
 def _cli(*args):
     return [sys.executable, "-m", "fewstep", *args]
 
@@ -205,6 +284,11 @@ def test_bad_config_values_are_clear_errors():
         from_dict(TrainConfig, {"batchsize": 3})
     with pytest.raises(FewstepError, match="precision must be one of fp32, bf16, got 'fp16'"):
         from_dict(TrainConfig, {"precision": "fp16"})
+    # intervals are counted in whole images (0.0001 kimg would divide by zero inside the loop)
+    with pytest.raises(FewstepError, match=r"snapshot_every_kimg must be at least 0.001 \(one image\)"):
+        from_dict(TrainConfig, {"snapshot_every_kimg": 0.0001})
+    with pytest.raises(FewstepError, match="eval_every_kimg must be 0"):
+        from_dict(TrainConfig, {"eval_every_kimg": 0.0004})
     # list-typed fields: a scalar, a wrong length or a non-number is named, not a TypeError from deep inside
     with pytest.raises(FewstepError, match="t_max_anneal_kimg must be a list, got 150"):
         from_dict(SiDConfig, {"t_max_anneal_kimg": 150})

@@ -54,6 +54,11 @@ class CFGDenoiser(nn.Module):
     def num_classes(self) -> int:
         return int(getattr(self.denoiser, "num_classes", 0) or 0)
 
+    @property
+    def alphas_cumprod(self) -> torch.Tensor | None:
+        """The wrapped denoiser's discrete ᾱ table, if it has one (the ``vp-uniform`` grid reads it)."""
+        return getattr(self.denoiser, "alphas_cumprod", None)
+
     def forward(self, x: torch.Tensor, sigma, labels: torch.Tensor | None = None) -> torch.Tensor:
         if labels is None:
             raise FewstepError(

@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 from typing import Callable, NamedTuple, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -256,7 +257,9 @@ def vp_uniform_sigmas(steps: int, alphas_cumprod: torch.Tensor | None = None) ->
     n_train = a.shape[0]
     if steps > n_train:
         raise FewstepError(f"vp-uniform allows at most {n_train} steps, got {steps}")
-    t = torch.round(torch.arange(n_train, 0, -n_train / steps, dtype=torch.float64)).long() - 1
+    # diffusers' formula to the float (numpy's arange and rounding), cut to `steps` points: for some
+    # counts (61, 103, …) the float arange has one point too many, t = −1, which would index the table's end
+    t = torch.from_numpy(np.round(np.arange(n_train, 0, -n_train / steps))[:steps].astype(np.int64)) - 1
     s = alphas_cumprod_to_sigmas(a[t])
     return torch.cat([s, s.new_zeros(1)]).float()
 

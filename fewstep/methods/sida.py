@@ -149,6 +149,10 @@ class SiDA(SiD):
         if dataset is not None and tuple(dataset.x.shape[1:]) != tuple(method.data_info.sample_shape):
             raise FewstepError(f"the real images have shape {tuple(dataset.x.shape[1:])} but the teacher makes "
                                f"{tuple(method.data_info.sample_shape)}: pass the teacher's dataset with --data")
+        if dataset is not None and method.data_info.num_classes > 0 and dataset.labels is None:
+            raise FewstepError(f"this teacher is class-conditional ({method.data_info.num_classes} classes) but the "
+                               "real images have no labels: SiDA's discriminator would see them under random "
+                               "classes; pass the labelled dataset the teacher was trained on with --data")
         return method
 
     def phases(self):

@@ -44,13 +44,40 @@ def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
 
 
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _previous(path: Path) -> Path:
+    """Where :func:`write_checkpoint_dir` keeps the folder it replaces while it swaps the new one in."""
+    return path.with_name(f".{path.name}.old")
+
+
+def recover_checkpoint_dir(path: Path) -> Path:
+    """Put back the previous version of the folder ``path`` if a crash fell between the two renames of
+    :func:`write_checkpoint_dir` (``path`` gone, its previous version still aside); returns ``path``."""
+    path = Path(path)
+    old = _previous(path)
+    if not path.exists() and old.is_dir():
+        os.replace(old, path)
+    return path
+
+
 def write_checkpoint_dir(path: Path, files: dict[str, dict[str, torch.Tensor] | dict]) -> Path:
     """Atomically write a folder of ``*.safetensors`` (tensor dicts) and ``*.json`` files.
 
     ``files`` maps file names to contents: a dict of tensors for ``.safetensors``
-    names, a JSON-ready dict for ``.json`` names.
+    names, a JSON-ready dict for ``.json`` names. The files are synced to disk in a
+    temporary folder, which replaces ``path`` by two renames (a folder cannot be renamed
+    over a non-empty one): ``path`` → ``.NAME.old``, temporary → ``path``. A crash between
+    them leaves the previous version aside, which :func:`recover_checkpoint_dir` (called by
+    every reader of checkpoints and by the next write) puts back.
     """
-    path = Path(path)
+    path = recover_checkpoint_dir(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
     try:
@@ -61,13 +88,16 @@ def write_checkpoint_dir(path: Path, files: dict[str, dict[str, torch.Tensor] | 
                 (tmp / name).write_text(json.dumps(content, indent=2) + "\n")
             else:
                 raise ValueError(f"unsupported checkpoint file {name}")
+            _fsync(tmp / name)
+        _fsync(tmp)
         old = None
         if path.exists():
-            old = path.with_name(f".{path.name}.old")
+            old = _previous(path)
             if old.exists():
                 shutil.rmtree(old)
             os.replace(path, old)
         os.replace(tmp, path)
+        _fsync(path.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:

@@ -15,13 +15,30 @@ import torch.distributed as dist
 from torch import nn
 
 
+def process_device(device: torch.device) -> torch.device:
+    """The device of this process: under torchrun a bare ``cuda`` means ``cuda:$LOCAL_RANK`` (one GPU
+    per process, as NCCL requires), made the current device; anything else is kept."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
+    return device
+
+
+def backend_for(device: torch.device) -> str:
+    """gloo on CPU; on GPU, NCCL for CUDA tensors and gloo for the small CPU tensors of the loop's
+    decisions (:func:`rank0_decides`, :func:`any_rank`, :func:`all_reduce_mean`)."""
+    return "cpu:gloo,cuda:nccl" if torch.device(device).type == "cuda" else "gloo"
+
+
 def init_from_env(device: torch.device) -> tuple[int, int]:
-    """Initialise the process group when launched by torchrun; return (rank, world_size)."""
+    """Initialise the process group when launched by torchrun; return (rank, world_size).
+    Call with the device from :func:`process_device`."""
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         return 0, 1
     if not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend)
+        dist.init_process_group(backend=backend_for(device))
         # torn down before the interpreter exits: a process leaving with gloo's threads alive can
         # abort with "terminate called without an active exception"
         atexit.register(_destroy)

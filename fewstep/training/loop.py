@@ -15,12 +15,13 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+from torch import nn
 
 from ..config import require, to_dict
 from ..errors import FewstepError
 from ..methods.base import Method
 from . import distributed as dist
-from .checkpoint import read_json, read_tensors, write_checkpoint_dir
+from .checkpoint import read_json, read_tensors, recover_checkpoint_dir, write_checkpoint_dir
 from .ema import EMA, ema_beta
 from .run_dir import RunDir
 
@@ -57,9 +58,10 @@ class TrainConfig:
         require(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
         require(self.ema_halflife_kimg >= 0, f"ema_halflife_kimg must be >= 0, got {self.ema_halflife_kimg}")
         require(self.grad_clip is None or self.grad_clip > 0, f"grad_clip must be > 0, got {self.grad_clip}")
-        for k in ("log_every_kimg", "snapshot_every_kimg", "checkpoint_every_kimg"):
-            require(getattr(self, k) > 0, f"{k} must be > 0, got {getattr(self, k)}")
-        require(self.eval_every_kimg >= 0, f"eval_every_kimg must be >= 0, got {self.eval_every_kimg}")
+        for k in ("log_every_kimg", "snapshot_every_kimg", "checkpoint_every_kimg"):  # counted in whole images
+            require(getattr(self, k) >= 0.001, f"{k} must be at least 0.001 (one image), got {getattr(self, k)}")
+        require(self.eval_every_kimg == 0 or self.eval_every_kimg >= 0.001,
+                f"eval_every_kimg must be 0 (only at the end) or at least 0.001 (one image), got {self.eval_every_kimg}")
         require(self.eval_max_share is None or 0 < self.eval_max_share <= 1,
                 f"eval_max_share must be in (0, 1], got {self.eval_max_share}")
         require(self.keep_checkpoints >= 1, "keep_checkpoints must be >= 1")
@@ -82,6 +84,18 @@ Evaluator = Callable[["object"], dict]  # FewstepModel -> metrics
 
 
 # ---- optimiser state <-> safetensors ------------------------------------------------------------
+@contextlib.contextmanager
+def kept_modes(net: nn.Module):
+    """Restore every submodule's train/eval flag after the block: a snapshot or an evaluation of
+    the live network (no EMA) samples it in eval mode, and training must go on in train mode."""
+    modes = [(m, m.training) for m in net.modules()]
+    try:
+        yield net
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
 def _flatten_optimizer(opt: torch.optim.Optimizer, prefix: str) -> tuple[dict, dict]:
     sd = opt.state_dict()
     tensors, state_meta = {}, {}
@@ -111,7 +125,7 @@ class Trainer:
                  evaluator: Evaluator | None = None, run_config: dict | None = None):
         self.method = method
         self.cfg = config
-        self.device = torch.device(config.device)
+        self.device = dist.process_device(config.device)
         self.rank, self.world = dist.init_from_env(self.device)
         self.run = RunDir(run_dir, main_process=self.rank == 0)
         self.dataset = dataset
@@ -151,6 +165,10 @@ class Trainer:
         torch.manual_seed(self.cfg.seed * 7919 + self.rank + offset)
         self.data_gen.manual_seed(self.cfg.seed * 104729 + 17 + self.rank + offset)
 
+    def _device_rng_state(self) -> torch.Tensor | None:
+        """The CUDA generator's state of this process's GPU (None on CPU)."""
+        return torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
+
     def _student_net(self):
         m = self.method
         if m.ema_net is None:
@@ -162,8 +180,11 @@ class Trainer:
         return f"state-{self.iteration:08d}"
 
     def save_state(self) -> None:
-        # every rank's RNG streams (noise and data order) go into rank 0's checkpoint
-        rngs = dist.gather_to_rank0((torch.get_rng_state(), self.data_gen.get_state()))
+        if dist.rank0_decides((self.run.checkpoints / self._state_name() / "state.json").is_file()):
+            return  # this iteration's state is on disk already (a stop right after a periodic checkpoint)
+        # every rank's RNG streams (noise and data order; on a GPU the device's too: the losses draw
+        # their noise there) go into rank 0's checkpoint
+        rngs = dist.gather_to_rank0((torch.get_rng_state(), self.data_gen.get_state(), self._device_rng_state()))
         if self.rank != 0:
             dist.barrier()
             return
@@ -180,9 +201,11 @@ class Trainer:
             t, om = _flatten_optimizer(opt, f"opt.{name}")
             tensors.update(t)
             meta["optimizers"][name] = om
-        tensors["rng.torch"], tensors["rng.data"] = rngs[0]
-        for r, (t_rng, d_rng) in enumerate(rngs[1:], start=1):
-            tensors[f"rng.torch.rank{r}"], tensors[f"rng.data.rank{r}"] = t_rng, d_rng
+        for r, (t_rng, d_rng, c_rng) in enumerate(rngs):
+            suffix = "" if r == 0 else f".rank{r}"
+            tensors[f"rng.torch{suffix}"], tensors[f"rng.data{suffix}"] = t_rng, d_rng
+            if c_rng is not None:
+                tensors[f"rng.cuda{suffix}"] = c_rng
         et, em = m.extra_state()
         tensors.update({f"extra.{k}": v for k, v in et.items()})
         meta["extra"] = em
@@ -196,6 +219,8 @@ class Trainer:
         dist.barrier()
 
     def latest_state(self):
+        for aside in self.run.checkpoints.glob(".state-*.old"):  # a run killed while it replaced a state
+            recover_checkpoint_dir(aside.with_name(aside.name[1:-len(".old")]))
         states = sorted(p for p in self.run.checkpoints.glob("state-*")
                         if (p / "state.json").is_file() and (p / "state.safetensors").is_file())
         return states[-1] if states else None
@@ -219,6 +244,8 @@ class Trainer:
         if f"rng.torch{suffix}" in tensors:
             torch.set_rng_state(tensors[f"rng.torch{suffix}"])
             self.data_gen.set_state(tensors[f"rng.data{suffix}"])
+            if self.device.type == "cuda" and f"rng.cuda{suffix}" in tensors:
+                torch.cuda.set_rng_state(tensors[f"rng.cuda{suffix}"], self.device)
         else:  # a rank the checkpoint did not have: fresh streams, distinct per rank and iteration
             self._seed_streams(offset=1_000_003 * meta["iteration"])
         self.iteration, self.nimg = meta["iteration"], meta["nimg"]
@@ -279,7 +306,11 @@ class Trainer:
         net = self._student_net()
         if net is None or self.rank != 0:
             return
-        model = self.method.student_model(net)
+        with kept_modes(net):
+            self._write_snapshot(net, final)
+
+    def _write_snapshot(self, net, final: bool) -> None:
+        model = self.method.student_model(net)  # puts net in eval mode: kept_modes restores it
         cfg = dict(model.config)
         cfg["provenance"] = {**cfg.get("provenance", {}), "method": self.method.name,
                              "kimg": round(self.nimg / 1000, 3), "iteration": self.iteration,
@@ -299,8 +330,9 @@ class Trainer:
         if self.evaluator is None or self.rank != 0:
             return None
         t0 = time.perf_counter()
-        model = self.method.student_model(self._student_net())
-        metrics = self.evaluator(model)
+        net = self._student_net()
+        with kept_modes(net):  # without an EMA, net is the network being trained (dropout on)
+            metrics = self.evaluator(self.method.student_model(net))
         dt = time.perf_counter() - t0
         self.eval_seconds += dt
         self._last_eval_dt = dt
