@@ -167,6 +167,21 @@ def test_torchrun_on_gpus_gives_each_process_its_own_gpu_and_a_backend_for_cpu_d
     assert dist.backend_for(torch.device("cpu")) == "gloo"
 
 
+def test_ema_ramp_up_counts_the_images_seen_before_each_step_as_edm_does(tmp_path, tiny_mlp):
+    """EDM caps the half-life at ratio·cur_nimg with cur_nimg counted before the step: the first
+    step's β is 0 (the EMA copies the weights), and step i's is 0.5^(1/(ratio·i')) with i' = i − 1."""
+    ds = load_dataset("8gaussians", split="train", n=2000)
+    t = Trainer(_teacher(tiny_mlp), _cfg(ema_rampup=0.5), tmp_path / "a", dataset=ds)
+    t.run_training(max_iterations=1)
+    live, ema = t.method.nets[t.method.ema_net].state_dict(), t.ema.ema.state_dict()
+    assert all(torch.equal(live[k], ema[k]) for k in live)
+    start = {k: v.clone() for k, v in live.items()}
+    t.run_training(max_iterations=1)  # the second step: β = 0.5^(128 / (0.5·128)) = 0.25
+    live = t.method.nets[t.method.ema_net].state_dict()
+    for k, v in t.ema.ema.state_dict().items():
+        torch.testing.assert_close(v, 0.25 * start[k] + 0.75 * live[k])
+
+
 def _cli(*args):
     return [sys.executable, "-m", "fewstep", *args]
 

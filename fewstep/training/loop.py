@@ -420,7 +420,9 @@ class Trainer:
             self.iteration += 1
             iters_this_run += 1
             if self.ema is not None:
-                beta = ema_beta(per_iter, cfg.ema_halflife_kimg, self.nimg, cfg.ema_rampup)
+                # the ramp-up caps the half-life at the images seen *before* this step, as EDM's loop does
+                # (its cur_nimg is incremented after the EMA update): the first step copies the weights
+                beta = ema_beta(per_iter, cfg.ema_halflife_kimg, self.nimg - per_iter, cfg.ema_rampup)
                 self.ema.update(beta)
             self.elapsed = elapsed0 + (time.perf_counter() - t_start) - self._pause
             stats.setdefault("sec_per_iter", []).append(time.perf_counter() - t_it)
