@@ -275,3 +275,29 @@ def test_infinite_batches_small_dataset_and_errors():
     other = infinite_batches(load_dataset("checkerboard", n=6), 8)
     with pytest.raises(FewstepError, match="same dataset"):
         other.load_state_dict(it.state_dict())
+
+
+def test_sixteen_bit_image_files_are_read_as_0_to_65535_however_dark(tmp_path):
+    from PIL import Image
+
+    for i, v in enumerate((100, 150, 200, 40000)):
+        Image.fromarray(np.full((6, 6), v, dtype=np.uint16)).save(tmp_path / f"{i}.png")
+    assert Image.open(tmp_path / "0.png").mode.startswith("I;16")
+    ds = load_dataset(tmp_path, split="all")
+    raw = ds.from_model(ds.x).flatten(1)[:, 0].sort().values
+    torch.testing.assert_close(raw, torch.tensor([100, 150, 200, 40000]) / 65535.0, rtol=1e-5, atol=1e-6)
+    (tmp_path / "3.png").unlink()  # a dark set alone (max ≤ 255) is still 16-bit, not 8-bit
+    dark = load_dataset(tmp_path, split="all")
+    torch.testing.assert_close(dark.from_model(dark.x).flatten(1)[:, 0].sort().values,
+                               torch.tensor([100, 150, 200]) / 65535.0, rtol=1e-5, atol=1e-6)
+
+
+def test_subset_takes_a_boolean_mask_and_to_model_reads_any_integer_pixels_like_the_loaders():
+    ds = load_dataset("digits", split="test")
+    mask = ds.labels == 3
+    sub = ds.subset(mask)
+    assert len(sub) == int(mask.sum()) > 2 and torch.equal(sub.x, ds.x[mask]) and set(sub.labels.tolist()) == {3}
+    px = torch.tensor([0, 128, 255]).reshape(1, 1, 1, 3)
+    want = ds.to_model(px.to(torch.uint8))
+    for dtype in (torch.int16, torch.int32, torch.int64):
+        torch.testing.assert_close(ds.to_model(px.to(dtype)), want)

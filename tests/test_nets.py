@@ -200,3 +200,20 @@ def test_bad_inputs_and_preset_errors():
     with pytest.raises(FewstepError, match="not a fewstep backbone"):
         net_config(torch.nn.Linear(2, 2))
     assert UNet(UNetConfig(img_resolution=8, channel_mult=[1])).config.resolutions == [8]
+
+
+def test_attention_heads_divide_the_channels_whatever_channels_per_head():
+    cfg = {"name": "unet", "img_resolution": 8, "in_channels": 1, "model_channels": 50, "channel_mult": [1, 4],
+           "num_blocks": 1, "attn_resolutions": [4], "channels_per_head": 64}
+    net = build_net(cfg, seed=0)
+    heads = [m.heads for m in net.modules() if hasattr(m, "heads")]
+    assert heads and all(200 % h == 0 for h in heads)  # 200 channels: 3 heads would not divide them
+    assert net(torch.randn(2, 1, 8, 8), torch.ones(2)).shape == (2, 1, 8, 8)
+
+
+def test_an_all_zero_one_hot_row_is_the_null_class():
+    from fewstep.nets import resolve_labels
+
+    onehot = torch.zeros(3, 10)
+    onehot[0, 4] = 1.0
+    assert resolve_labels(onehot, 10, 3, "cpu").tolist() == [4, 10, 10]

@@ -188,10 +188,13 @@ class Dataset:
         return -1 if self.kind == "points" else -3
 
     def to_model(self, raw) -> torch.Tensor:
-        """Raw units → model space. Images: floats in [0, 1] (uint8 input is divided by 255)."""
+        """Raw units → model space. Images: floats in [0, 1], or integer pixels (read as [0, 255], or
+        16-bit [0, 65535] when larger, like the loaders)."""
         raw = torch.as_tensor(raw)
-        if self.kind == "images" and raw.dtype == torch.uint8:
-            raw = raw.float() / 255.0
+        if self.kind == "images" and not raw.is_floating_point():
+            from .images import to_unit_range
+
+            raw = torch.from_numpy(to_unit_range(raw.cpu().numpy(), "to_model")[0])
         return self.affine.to_model(raw, self._channel_dim)
 
     def from_model(self, x: torch.Tensor, clamp: bool = True) -> torch.Tensor:
@@ -202,7 +205,8 @@ class Dataset:
     # --- subsets --------------------------------------------------------------------
     def subset(self, index, split_name: str | None = None) -> "Dataset":
         """A new dataset holding ``x[index]`` (same affine, classes and notes)."""
-        idx = torch.as_tensor(index, dtype=torch.long)
+        idx = torch.as_tensor(index)
+        idx = idx.nonzero().flatten() if idx.dtype == torch.bool else idx.long()  # a mask selects, not indexes
         return Dataset(self.name, self.x[idx.to(self.x.device)], _index(self.labels, idx),
                        self.num_classes, self.kind, self.affine,
                        split_name or f"{self.split_name}[subset]", self.class_names, list(self.notes))

@@ -203,8 +203,12 @@ def _read_images(files: list[Path], folder: Path) -> tuple[np.ndarray, str]:
         shown = ", ".join(f"{w}x{h} (e.g. {p.name})" for (w, h), p in list(sizes.items())[:4])
         raise FewstepError(f"{folder}: images have different sizes: {shown}; resize them all to one size "
                            f"(e.g. with PIL's Image.resize) before loading")
-    deep = {"I;16", "I;16B", "I;16L", "I", "F"}
-    if modes <= deep:  # high bit depth grayscale: keep the values, the range is inferred later
+    sixteen = {"I;16", "I;16B", "I;16L"}
+    deep = sixteen | {"I", "F"}
+    if modes <= sixteen:  # 16-bit files: [0, 65535] whatever the values (a dark set is not 8-bit)
+        arr = np.stack([np.asarray(im) for im in images]).astype(np.float32) / 65535.0
+        return arr, f"{folder}: read {len(files)} 16-bit grayscale image file(s) as [0, 65535]"
+    if modes <= deep:  # 32-bit integer or float grayscale: keep the values, the range is inferred later
         arr = np.stack([np.asarray(im) for im in images])
         arr = arr.astype(np.float32) if arr.dtype.kind == "f" else arr.astype(np.int64)
         return arr, (f"{folder}: read {len(files)} high-bit-depth grayscale image file(s) of modes "

@@ -84,7 +84,8 @@ def resolve_labels(labels: torch.Tensor | None, num_classes: int, n: int, device
         return torch.full((n,), num_classes, dtype=torch.long, device=device)
     labels = torch.as_tensor(labels, device=device)
     if labels.ndim == 2 and labels.shape[1] == num_classes and labels.is_floating_point():
-        labels = labels.argmax(1)
+        # an all-zero row is EDM's "no label": the null class, not class 0
+        labels = torch.where(labels.abs().sum(1) > 0, labels.argmax(1), num_classes)
     if labels.ndim == 0:
         labels = labels.expand(n)
     if labels.shape != (n,):

@@ -109,7 +109,10 @@ class SelfAttention(nn.Module):
 
     def __init__(self, ch: int, channels_per_head: int):
         super().__init__()
-        self.heads = max(1, ch // channels_per_head)
+        heads = max(1, ch // channels_per_head)
+        while ch % heads:  # the largest head count up to ch // channels_per_head that divides ch
+            heads -= 1
+        self.heads = heads
         self.norm = group_norm(ch)
         self.qkv = nn.Conv2d(ch, 3 * ch, 1)
         self.proj = nn.Conv2d(ch, ch, 1)
