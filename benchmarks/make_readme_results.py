@@ -316,7 +316,7 @@ def bench_section(name: str, d: dict) -> list[str]:
     meta, rows = d.get("meta") or {}, d.get("rows") or []
     if not rows:
         return []
-    cols = [c for c in columns(rows[0]) if any(c[1] in r for r in rows)][:6]
+    cols = [c for c in columns(rows[0]) if any(c[1] in r for r in rows)]
     body = [[r.get("label"), r.get("nfe")] + [r.get(k) for _, k in cols] + [r.get("train_kimg"), r.get("train_seconds")]
             for r in rows]
     budget = (f"{meta['budget_minutes']:g} min" if meta.get("budget_minutes") else f"{meta.get('budget_kimg')} kimg")

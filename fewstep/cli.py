@@ -376,7 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="The main job in one command: SiD-distil the shipped teacher, then show "
                                    "teacher and one-step student side by side with metrics, NFE and speed.")
     p.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
-    p.add_argument("--data", default="digits", help="which shipped teacher: digits (default; fits a few CPU minutes) or mnist5k")
+    p.add_argument("--data", default="digits", help="which shipped teacher: digits (default; fits a few CPU minutes), mnist5k, or the 2-D point sets 8gaussians and 25gaussians")
     p.add_argument("--minutes", type=float, default=4.0, help="SiD wall-clock budget (default 4)")
     p.add_argument("--n", type=int, default=1000, help="samples per evaluation (default 1000)")
     p.add_argument("--seed", type=int, default=0)

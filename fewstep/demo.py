@@ -37,7 +37,7 @@ def run_demo(out: str | Path, *, data: str = "digits", minutes: float = 4.0, n_e
     import torch
 
     from .config import to_dict
-    from .eval.plots import save_comparison_grid
+    from .eval.plots import save_comparison_grid, save_scatter
     from .eval.runner import evaluate_model
     from .methods.sid import SiD, SiDConfig
     from .model import load_model
@@ -64,12 +64,18 @@ def run_demo(out: str | Path, *, data: str = "digits", minutes: float = 4.0, n_e
     t_res = evaluate_model(teacher, n=n_eval, seed=seed + 1)
     s_res = evaluate_model(student, n=n_eval, seed=seed + 1)
     fd_key = next((k for k in t_res if k.startswith("fd_") and "floor" not in k and "at_floor" not in k), None)
-    k = 64
-    t_img = teacher.sample(k, seed=seed + 2).x
-    s_img = student.sample(k, seed=seed + 2).x
-    save_comparison_grid({f"teacher · Heun · NFE {t_res['nfe']}": t_img,
-                          f"SiD student · NFE 1 · {summary['kimg']:.0f} kimg": s_img},
-                         out / "teacher_vs_student.png", title=f"fewstep demo: {data}")
+    if teacher.data_info.kind == "images":
+        k = 64
+        t_img = teacher.sample(k, seed=seed + 2).x
+        s_img = student.sample(k, seed=seed + 2).x
+        save_comparison_grid({f"teacher · Heun · NFE {t_res['nfe']}": t_img,
+                              f"SiD student · NFE 1 · {summary['kimg']:.0f} kimg": s_img},
+                             out / "teacher_vs_student.png", title=f"fewstep demo: {data}")
+    else:  # 2-D points: the student's samples over the teacher's
+        k = 2000
+        save_scatter(student.sample(k, seed=seed + 2).x, out / "teacher_vs_student.png",
+                     reference=teacher.sample(k, seed=seed + 2).x,
+                     title=f"fewstep demo: {data} · SiD student (blue, NFE 1) over teacher (grey, NFE {t_res['nfe']})")
     speedup = s_res["samples_per_second"] / t_res["samples_per_second"]
     results = {"data": data, "distill_minutes": minutes, "distill_kimg": summary["kimg"],
                "distill_iterations": summary["iterations"], "teacher": t_res, "student": s_res,

@@ -103,6 +103,7 @@ class FewstepModel:
 
         Defaults come from the checkpoint's ``sampling`` recipe; ``sampler``/``steps``
         override it (a one-step generator can also be used as a denoiser with any sampler).
+        ``nfe`` counts network evaluations per sample: guidance (κ ≠ 0, 1) doubles it.
         """
         from .diffusion.guidance import CFGDenoiser
         from .diffusion.samplers import SampleResult, initial_noise, sample
@@ -121,19 +122,21 @@ class FewstepModel:
                 raise FewstepError("guidance needs a class-conditional model; this one is unconditional")
             den = CFGDenoiser(den, guidance, null_label=k)
         shape = (n,) + tuple(self.data_info.sample_shape)
+        per_call = getattr(den, "evaluations_per_call", 1)
         if sampler == ONE_STEP:
             z = initial_noise(shape, seed, device)  # the same z the teacher's samplers start from
             bs = batch_size or n
             out = [one_step_generate(den, z[i:i + bs], recipe.get("sigma_init", 2.5),
                                      None if labels is None else labels[i:i + bs])
                    for i in range(0, n, bs)]
-            return SampleResult(torch.cat(out), 1)
+            return SampleResult(torch.cat(out), per_call)
         steps = int(steps or recipe.get("steps", 18))
         schedule = schedule or recipe.get("schedule", "karras")
         kw = {k2: v for k2, v in recipe.items() if k2 not in ("sampler", "steps", "schedule", "sigma_init")}
         kw.update(sampler_kwargs)
-        return sample(den, shape, sampler=sampler, steps=steps, schedule=schedule, labels=labels,
-                      seed=seed, batch_size=batch_size, device=device, **kw)
+        res = sample(den, shape, sampler=sampler, steps=steps, schedule=schedule, labels=labels,
+                     seed=seed, batch_size=batch_size, device=device, **kw)
+        return res._replace(nfe=res.nfe * per_call) if per_call != 1 else res
 
     # ---- persistence ---------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:

@@ -307,3 +307,15 @@ def test_evaluate_samples_points_without_mixture():
     bad = evaluate_samples(real + 0.5, dataset="moons")
     assert good["kind"] == "points" and good["n"] == 500
     assert bad["mmd_rbf"] > 10 * abs(good["mmd_rbf"]) and bad["sliced_wasserstein"] > good["sliced_wasserstein"]
+
+
+def test_table_columns_state_the_floors_n_and_images_without_a_feature_net_lead_with_inception():
+    from fewstep.eval.tables import columns, metric_kind, primary_metric
+
+    m = {"kind": "images", "fd_digits-featnet": 0.63, "fd_digits-featnet_at_floor_n": 1.83,
+         "fd_floor_digits-featnet": 0.71, "n_floor": 300, "n": 1000}
+    heads = [h for h, _ in columns(m)]
+    assert heads[:3] == ["FD (digits-featnet)", "FD at n = 300", "FD floor (n = 300)"]  # the floor beside its own n
+    inception = {"fid_inception": 12.5, "kid_inception": 0.01, "precision_inception": 0.7}
+    assert metric_kind(inception) == "images" and primary_metric(inception) == ("fid_inception", 12.5, False)
+    assert [k for _, k in columns(inception)][:2] == ["fid_inception", "kid_inception"]

@@ -154,6 +154,8 @@ def test_pairs_are_teacher_ode_samples_of_their_noise(tmp_path):
     assert generate_pairs(teacher, path, 30, steps=6, chunk=8, seed=1) == path
     with pytest.raises(FewstepError, match="other settings"):
         generate_pairs(teacher, path, 30, steps=7, chunk=8, seed=1)
+    with pytest.raises(FewstepError, match="teacher_hash"):  # another teacher of the same shapes and recipe
+        generate_pairs(load_model("mixture:grid25"), path, 30, steps=6, chunk=8, seed=1)
     with pytest.raises(FewstepError, match="deterministic ODE sampler"):
         generate_pairs(teacher, tmp_path / "p2.safetensors", 30, sampler="one-step")
 

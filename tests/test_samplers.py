@@ -370,3 +370,17 @@ def test_cfg_errors_and_guided_sampling_lands_in_the_class():
     labels = torch.arange(8).repeat(4)
     res = sample(CFGDenoiser(mix.denoiser(conditional=True), 1.5), (32, 2), labels=labels, steps=12, seed=0)
     assert torch.equal(mix.responsibilities(res.x).argmax(1), labels)
+
+
+def test_guided_sampling_counts_both_evaluations_in_its_nfe():
+    from fewstep.model import FewstepModel
+
+    model = FewstepModel(preset("ring8").denoiser(conditional=True), {
+        "type": "mixture", "data": {"kind": "points", "sample_shape": [2], "num_classes": 8, "name": "ring8"},
+        "sampling": {"sampler": "heun", "steps": 3, "schedule": "karras"}})
+    rows = []
+    model.denoiser.register_forward_pre_hook(lambda m, args: rows.append(args[0].shape[0]))
+    for scale, want in ((None, 5), (1.0, 5), (0.0, 5), (2.0, 10)):
+        rows.clear()
+        res = model.sample(16, guidance=scale)
+        assert res.nfe == want and sum(rows) == 16 * want, scale  # network evaluations per sample

@@ -59,6 +59,11 @@ class CFGDenoiser(nn.Module):
         """The wrapped denoiser's discrete ᾱ table, if it has one (the ``vp-uniform`` grid reads it)."""
         return getattr(self.denoiser, "alphas_cumprod", None)
 
+    @property
+    def evaluations_per_call(self) -> int:
+        """Network evaluations per sample in one call: 2 (conditional and unconditional), 1 at κ = 0 or 1."""
+        return 1 if not torch.is_tensor(self.scale) and float(self.scale) in (0.0, 1.0) else 2
+
     def forward(self, x: torch.Tensor, sigma, labels: torch.Tensor | None = None) -> torch.Tensor:
         if labels is None:
             raise FewstepError(

@@ -25,7 +25,7 @@ def metric_kind(metrics: dict) -> str:
     """"images", "mixture" or "points" (from ``kind`` or, for headline dicts, from the keys)."""
     if metrics.get("kind") in ("images", "mixture", "points"):
         return metrics["kind"]
-    if _fd_key(metrics):
+    if _fd_key(metrics) or "fid_inception" in metrics:
         return "images"
     if "log_likelihood" in metrics:
         return "mixture"
@@ -39,7 +39,7 @@ def primary_metric(metrics: dict) -> tuple[str, float, bool] | None:
     k = _fd_key(metrics)
     if k is not None:
         return k, metrics[k], False
-    for key, higher in (("log_likelihood", True), ("sliced_wasserstein", False), ("mmd_rbf", False)):
+    for key, higher in (("fid_inception", False), ("log_likelihood", True), ("sliced_wasserstein", False), ("mmd_rbf", False)):
         if isinstance(metrics.get(key), (int, float)):
             return key, metrics[key], higher
     return None
@@ -63,12 +63,20 @@ def columns(metrics: dict) -> list[tuple[str, str]]:
     """``[(header, key)]`` of the quality and diversity columns for metrics of this kind."""
     kind = metric_kind(metrics)
     if kind == "images":
-        k = _fd_key(metrics) or "fd_"
+        inception = [("FID (Inception)", "fid_inception"), ("KID (Inception)", "kid_inception"),
+                     ("precision (Inception)", "precision_inception"), ("recall (Inception)", "recall_inception")]
+        k = _fd_key(metrics)
+        if k is None:  # images fewstep has no feature net for: Inception alone
+            return inception if "fid_inception" in metrics else []
         net = k[3:]
-        cols = [(f"FD ({net})", k), ("FD floor", f"fd_floor_{net}"), ("KID", f"kid_{net}"),
-                ("precision", f"precision_{net}"), ("recall", f"recall_{net}"),
-                ("class imbalance", f"class_max_dev_{net}")]
-        return cols + [("FID (Inception)", "fid_inception")] if "fid_inception" in metrics else cols
+        cols = [(f"FD ({net})", k)]
+        n_floor = metrics.get("n_floor")
+        if f"{k}_at_floor_n" in metrics:  # the floor has fewer real images than n: FD at its n beside it
+            cols.append((f"FD at n = {n_floor}", f"{k}_at_floor_n"))
+        cols += [(f"FD floor (n = {n_floor})" if n_floor else "FD floor", f"fd_floor_{net}"), ("KID", f"kid_{net}"),
+                 ("precision", f"precision_{net}"), ("recall", f"recall_{net}"),
+                 ("class imbalance", f"class_max_dev_{net}")]
+        return cols + inception[:1] if "fid_inception" in metrics else cols
     if kind == "mixture":
         return [("log-lik", "log_likelihood"), ("true log-lik", "ref_log_likelihood"),
                 ("sliced W2", "sliced_wasserstein"), ("MMD²", "mmd_rbf"), ("precision", "precision"),

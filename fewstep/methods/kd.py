@@ -20,6 +20,7 @@ generation was interrupted.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -125,6 +126,18 @@ def load_pairs(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     return read_tensors(path), _read_pairs_meta(path)
 
 
+def teacher_fingerprint(teacher: FewstepModel) -> str:
+    """A short hash of the teacher's network description and weights: pairs made by another teacher
+    (same shapes and recipe) are not taken for this one's."""
+    h = hashlib.sha256(json.dumps({k: teacher.config.get(k) for k in ("type", "net", "precond", "mixture")},
+                                  sort_keys=True, default=str).encode())
+    for k, v in sorted(teacher.denoiser.state_dict().items()):
+        v = v.detach().cpu()
+        h.update(k.encode())
+        h.update((v.float() if v.is_floating_point() else v).contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def generate_pairs(teacher: FewstepModel, path: str | Path, n: int, *, sampler: str = "", steps: int = 0,
                    schedule: str = "", sigma_max: float = 0.0, seed: int = 0, chunk: int = 500,
                    device=None, progress: bool | None = None) -> Path:
@@ -148,11 +161,12 @@ def generate_pairs(teacher: FewstepModel, path: str | Path, n: int, *, sampler: 
     meta = {"format": "fewstep.pairs", "version": 1, "n": int(n), "seed": int(seed), "chunk": int(chunk),
             "recipe": recipe, "sigma_init": sigma0, "sample_shape": list(info.sample_shape),
             "num_classes": int(info.num_classes), "teacher": teacher.config.get("provenance", {}).get("run") or
-            teacher.config.get("type")}
-    keys = ("n", "seed", "chunk", "recipe", "sample_shape", "num_classes")
+            teacher.config.get("type"), "teacher_hash": teacher_fingerprint(teacher)}
+    keys = ("n", "seed", "chunk", "recipe", "sample_shape", "num_classes", "teacher_hash")
 
     def check(old: dict, where: Path) -> None:
-        diff = [k for k in keys if old.get(k) != meta[k]]
+        # files written before the teacher's fingerprint was recorded are not checked on it
+        diff = [k for k in keys if old.get(k) != meta[k] and not (k == "teacher_hash" and k not in old)]
         if diff:
             raise FewstepError(f"{where} holds pairs made with other settings ({', '.join(diff)}: "
                                f"{[old.get(k) for k in diff]} vs {[meta[k] for k in diff]}); delete it or use "
