@@ -224,3 +224,16 @@ def test_export_round_trips_a_teacher_and_refuses_fewstep_networks(pipe, tmp_pat
     capsys.readouterr()
     assert main(["export", "shipped:digits", "--out", str(tmp_path / "f")]) == 2
     assert "diffusers UNet2DModel" in capsys.readouterr().err
+
+
+def test_step_distillation_refuses_a_cosine_grid_above_the_teachers_table():
+    from fewstep.methods.progressive import Progressive, ProgressiveConfig
+
+    sched = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)  # σ_max ≈ 14.6
+    teacher = diffusers_model(tiny_unet(), sched)
+    top = teacher.denoiser.sigma_max
+    assert 14 < top < 15
+    with pytest.raises(FewstepError, match=r"ends at σ = 14\.6.*--sigma-max 14\.6"):
+        Progressive.create(ProgressiveConfig(start_steps=4), teacher=teacher)
+    m = Progressive.create(ProgressiveConfig(start_steps=4, sigma_max=top), teacher=teacher)
+    assert m.export_config()["sampling"]["sigma_max"] == pytest.approx(top)
