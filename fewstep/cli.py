@@ -24,15 +24,17 @@ def _threads() -> None:
     if n:
         import torch
 
+        if not n.strip().isdigit() or int(n) < 1:
+            raise FewstepError(f"FEWSTEP_THREADS must be a whole number of threads >= 1, got {n!r}")
         torch.set_num_threads(int(n))
 
 
 # ---- shared pieces --------------------------------------------------------------------------------
-def _train_args(p: argparse.ArgumentParser) -> None:
+def _train_args(p: argparse.ArgumentParser, defaults: dict | None = None) -> None:
     from .cli_args import add_dataclass_args
     from .training.loop import TrainConfig
 
-    add_dataclass_args(p, TrainConfig, "training loop")
+    add_dataclass_args(p, TrainConfig, "training loop", defaults=defaults)
 
 
 def _command_line() -> str:
@@ -45,7 +47,7 @@ def _check_run_compatible(out: Path, run_config: dict) -> None:
     if not cfg_path.is_file():
         return
     old = json.loads(cfg_path.read_text())
-    for key in ("method", "method_config", "teacher", "data"):
+    for key in ("method", "method_config", "teacher", "init", "data"):
         if key in old and key in run_config and old[key] != run_config[key]:
             raise FewstepError(
                 f"{out} already holds a run with a different {key} ({old[key]!r} vs {run_config[key]!r}); "
@@ -68,6 +70,13 @@ def _train(method, train_cfg, out: Path, run_config: dict, *, dataset=None, eval
 
 def _evaluator(args, data_name: str | None):
     n = getattr(args, "eval_n", None)
+    if n is not None and n < 1:
+        raise FewstepError(f"--eval-n must be >= 1 (samples per evaluation), got {n}")
+    if n is None:  # options that only matter with an evaluation are not silently dropped
+        if (getattr(args, "eval_every_kimg", None) or 0) > 0:
+            raise FewstepError("--eval-every-kimg needs --eval-n N (the samples per evaluation)")
+        if getattr(args, "feature_net", None):
+            raise FewstepError("--feature-net is for the in-run evaluation: give --eval-n N too")
     if not n or getattr(args, "eval_every_kimg", None) in (None,) and not getattr(args, "final_eval", True):
         return None
     from .eval.runner import make_evaluator
@@ -143,14 +152,16 @@ def cmd_distill(args) -> int:
     from .data import load_dataset
 
     dataset = None
-    if teacher.data_info.name == DIFFUSERS_DATA and args.data:  # the student then names the data it was given
-        from .methods.base import DataInfo
-
+    if args.data:  # data of another shape than the teacher's fails now, not at the first evaluation
         dataset = load_dataset(args.data, split="train")
         shape = tuple(dataset.x.shape[1:])
         if shape != tuple(teacher.data_info.sample_shape):
-            raise FewstepError(f"--data {args.data} holds images of shape {list(shape)} but the diffusers teacher "
-                               f"makes {list(teacher.data_info.sample_shape)}: pass the images it was trained on")
+            what = "the diffusers teacher" if teacher.data_info.name == DIFFUSERS_DATA else "the teacher"
+            raise FewstepError(f"--data {args.data} holds samples of shape {list(shape)} but {what} makes "
+                               f"{list(teacher.data_info.sample_shape)}: pass the data it was trained on")
+    if teacher.data_info.name == DIFFUSERS_DATA and args.data:  # the student then names the data it was given
+        from .methods.base import DataInfo
+
         teacher.config["data"] = {**teacher.config["data"], "name": args.data}
         teacher.data_info = DataInfo.from_dict(teacher.config["data"])
     if cls.uses_data:
@@ -177,8 +188,12 @@ def cmd_export(args) -> int:
     from .model import load_model
     from .teachers.diffusers_adapter import save_diffusers
 
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FewstepError(f"--out {out} exists and is not an empty folder: export writes a new folder (a run "
+                           "folder holding an export would then be read as the export, not as its model)")
     model = load_model(args.checkpoint)
-    out = save_diffusers(model, Path(args.out))
+    out = save_diffusers(model, out)
     print(json.dumps({"out": str(out), "format": args.format, "type": model.config.get("type"),
                       "sampling": model.sampling}))
     return 0
@@ -198,15 +213,20 @@ def cmd_sample(args) -> int:
         k = model.data_info.num_classes
         if k == 0:
             raise FewstepError("--labels given but the model is unconditional")
-        vals = [int(v) for v in args.labels.split(",")]
+        try:
+            vals = [int(v) for v in args.labels.split(",")]
+        except ValueError:
+            raise FewstepError(f"--labels must be comma-separated class indices such as 0,3,7; got {args.labels!r}") from None
         if any(v < 0 or v >= k for v in vals):
             raise FewstepError(f"--labels must be in 0..{k - 1}")
         labels = torch.tensor(vals * (args.n // len(vals) + 1))[: args.n].to(args.device)
+    out = Path(args.out)
+    if out.suffix.lower() not in (".png", ".jpg", ".jpeg", ".npy", ".npz"):  # before sampling, not after
+        raise FewstepError(f"--out must end in .png, .jpg, .npy or .npz, got {out.name}")
     t0 = time.perf_counter()
     res = model.sample(args.n, seed=args.seed, sampler=args.sampler, steps=args.steps, schedule=args.schedule,
                        labels=labels, guidance=args.guidance, batch_size=args.batch_size)
     dt = time.perf_counter() - t0
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     x = res.x.detach().cpu()
     if out.suffix == ".npy":
@@ -220,7 +240,7 @@ def cmd_sample(args) -> int:
 
         save_samples_picture(x, out, model.data_info.kind, title=f"NFE {res.nfe}")
     else:
-        raise FewstepError(f"--out must end in .png, .npy or .npz, got {out.name}")
+        raise FewstepError(f"--out must end in .png, .jpg, .npy or .npz, got {out.name}")
     print(json.dumps({"out": str(out), "n": args.n, "nfe": res.nfe, "seconds": round(dt, 3),
                       "samples_per_second": round(args.n / dt, 2)}))
     return 0
@@ -333,7 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="feature net for the in-run evaluation of images fewstep ships none for (your own "
                              "labelled images: python -m fewstep.eval.feature_net --dataset PATH --out FILE)")
         add_dataclass_args(mp, cls.Config, name)
-        _train_args(mp)
+        _train_args(mp, getattr(cls, "train_defaults", None))  # --help shows the defaults this method runs with
         mp.set_defaults(func=cmd_distill)
 
     p = sub.add_parser("sample", help="sample a checkpoint to a picture or an array file")
@@ -400,6 +420,10 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except FewstepError as e:
         print(f"fewstep: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a folder where a file must go, a full disk, no permission: say which path
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        print(f"fewstep: error: {e.strerror or e}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("fewstep: interrupted; re-run the same command to resume from the last checkpoint", file=sys.stderr)

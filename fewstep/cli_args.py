@@ -23,11 +23,13 @@ def _base_type(tp):
 
 
 def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, title: str,
-                       skip: tuple[str, ...] = ()) -> None:
-    """Add one ``--field-name`` option per dataclass field (default: unset)."""
+                       skip: tuple[str, ...] = (), defaults: dict | None = None) -> None:
+    """Add one ``--field-name`` option per dataclass field (default: unset). ``defaults`` overrides the
+    dataclass's own defaults in the help text (e.g. a method's ``train_defaults``, which it runs with).
+    Fields that may be ``None`` accept ``null`` (or ``none``) on the command line."""
     group = parser.add_argument_group(title)
     hints = typing.get_type_hints(cls)
-    defaults = to_dict(cls())
+    defaults = {**to_dict(cls()), **(defaults or {})}
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
@@ -45,10 +47,38 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, title: str,
                                metavar="JSON", help=helptext)
         else:
             conv = {int: int, float: float}.get(tp, str)
+            if _optional(hints[f.name]) and conv is not str:
+                conv = _or_null(conv, f.name)
             choices = f.metadata.get("choices")
             group.add_argument(_flag(f.name), dest=f.name, type=conv, default=None, choices=choices,
                                metavar=None if choices else tp.__name__.upper() if hasattr(tp, "__name__") else "VALUE",
                                help=helptext)
+
+
+def _optional(tp) -> bool:
+    return type(None) in typing.get_args(tp)
+
+
+class Null:
+    """``--option null`` for an optional field: the field is set to None (argparse's None means unset)."""
+
+    def __repr__(self) -> str:
+        return "null"
+
+
+NULL = Null()
+
+
+def _or_null(conv, name: str):
+    def parse(text: str):
+        if text.strip().lower() in ("null", "none"):
+            return NULL
+        try:
+            return conv(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"--{name.replace('_', '-')} expects a number or null, got {text!r}") from None
+    parse.__name__ = conv.__name__  # argparse names the type in its messages
+    return parse
 
 
 def _json_value(name: str):
@@ -71,7 +101,7 @@ def dataclass_from_args(cls: type, args: argparse.Namespace, base: dict | None =
     for f in dataclasses.fields(cls):
         v = getattr(args, f.name, None)
         if v is not None:
-            values[f.name] = v
+            values[f.name] = None if v is NULL else v
     try:
         return from_dict(cls, values)
     except TypeError as e:  # pragma: no cover - from_dict reports most problems itself

@@ -43,6 +43,10 @@ def run_demo(out: str | Path, *, data: str = "digits", minutes: float = 4.0, n_e
     from .model import load_model
     from .training.loop import TrainConfig, Trainer
 
+    if not minutes > 0:
+        raise FewstepError(f"--minutes must be > 0 (the SiD budget), got {minutes:g}")
+    if n_eval < 1:
+        raise FewstepError(f"--n must be >= 1 (samples per evaluation), got {n_eval}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     teacher_dir = shipped_teacher(data)

@@ -110,7 +110,12 @@ class FewstepModel:
 
         if n < 1:
             raise FewstepError(f"number of samples must be >= 1, got {n}")
+        if steps is not None and int(steps) < 1:
+            raise FewstepError(f"steps must be >= 1, got {steps}")
         recipe = self.sampling
+        if sampler is None and recipe["sampler"] == ONE_STEP and (steps is not None or schedule is not None):
+            raise FewstepError("this is a one-step generator: steps and schedule belong to a multi-step sampler; "
+                               "pass a sampler too (e.g. --sampler heun) to use it as a denoiser, or leave them out")
         sampler = sampler or recipe["sampler"]
         device = self.device
         k = self.data_info.num_classes
@@ -130,7 +135,7 @@ class FewstepModel:
                                      None if labels is None else labels[i:i + bs])
                    for i in range(0, n, bs)]
             return SampleResult(torch.cat(out), per_call)
-        steps = int(steps or recipe.get("steps", 18))
+        steps = int(steps if steps is not None else recipe.get("steps", 18))
         schedule = schedule or recipe.get("schedule", "karras")
         kw = {k2: v for k2, v in recipe.items() if k2 not in ("sampler", "steps", "schedule", "sigma_init")}
         kw.update(sampler_kwargs)
@@ -217,6 +222,9 @@ def build_from_config(config: dict) -> nn.Module:
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> FewstepModel:
     """Load a model checkpoint (see module docstring for what ``path`` may be)."""
+    from .training.distributed import process_device
+
+    device = process_device(device)  # a clear error for a GPU this machine does not have
     spec = str(path)
     if spec.startswith("mixture:"):
         return mixture_model(spec.split(":", 1)[1]).to(device)

@@ -172,3 +172,80 @@ def test_eval_with_a_feature_net_trained_on_your_own_labelled_images(tmp_path, c
     assert main(train + ["--feature-net", str(tmp_path / "f.safetensors")]) == 0
     curve = [json.loads(line) for line in (tmp_path / "t" / "metrics.jsonl").read_text().splitlines()]
     assert curve and all("fd_mine-featnet" in r for r in curve)
+
+
+def test_bad_input_is_refused_before_any_training(teacher_run, tmp_path, capsys, monkeypatch):
+    def refused(argv, match):
+        out = tmp_path / "never"
+        assert match in _err([*argv[:3], "--out", str(out), *argv[3:]], capsys)
+        assert not (out / "model").exists()  # nothing was trained
+
+    sid = ["distill", "sid", f"--teacher={teacher_run}", "--total-kimg", "0.2", *QUIET]
+    refused(sid + ["--eval-n", "-5"], "--eval-n must be >= 1")
+    refused(sid + ["--data", "digits"], "holds samples of shape [1, 8, 8] but the teacher makes [2]")
+    refused(sid + ["--guidance-teacher", "3"], "needs a class-conditional teacher")
+    refused(sid + ["--eval-every-kimg", "0.1"], "--eval-every-kimg needs --eval-n")
+    refused(sid + ["--snapshot-samples", "0"], "snapshot_samples must be >= 1")
+    refused(["distill", "dmd", f"--teacher={teacher_run}", "--regression-weight", "0.25", "--regression-steps", "0"],
+            "regression_steps must be >= 1")
+    if not torch.cuda.is_available():
+        refused(sid + ["--device", "cuda"], "no usable GPU")
+    monkeypatch.setenv("FEWSTEP_THREADS", "two")
+    refused(sid, "FEWSTEP_THREADS must be a whole number")
+
+
+def test_sampling_options_are_used_or_refused_never_ignored(teacher_run, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "sid"
+    assert main(["distill", "sid", "--teacher", str(teacher_run), "--out", str(out), "--total-kimg", "0.1",
+                 "--batch-size", "32", *QUIET]) == 0
+    png = str(tmp_path / "s.png")
+    assert "steps must be >= 1" in _err(["sample", str(teacher_run), "--steps", "0", "--out", png], capsys)
+    assert "one-step generator" in _err(["sample", str(out), "--steps", "4", "--out", png], capsys)
+    assert main(["sample", str(out), "--sampler", "heun", "--steps", "4", "--out", png]) == 0  # as a denoiser
+    assert "--out must end in" in _err(["sample", str(out), "--out", str(tmp_path / "s.gif")], capsys)
+    (tmp_path / "file").write_text("x")
+    assert str(tmp_path / "file") in _err(["sample", str(out), "--out", str(tmp_path / "file" / "s.png")], capsys)
+    monkeypatch.chdir(out)  # "." inside a run folder, and a bare weights file name inside its model folder
+    assert main(["sample", ".", "--n", "4", "--out", png]) == 0
+    monkeypatch.chdir(out / "model")
+    assert main(["sample", "model.safetensors", "--n", "4", "--out", png]) == 0
+
+
+def test_the_same_command_on_a_finished_run_changes_nothing(teacher_run, tmp_path, capsys):
+    out = tmp_path / "done"
+    argv = ["distill", "sid", "--teacher", str(teacher_run), "--out", str(out), "--total-kimg", "0.2",
+            "--batch-size", "32", "--eval-n", "100", *QUIET]
+    assert main(argv) == 0
+    files = {p: p.read_bytes() for p in (out / "metrics.jsonl", out / "summary.json", out / "samples" / "final.png")}
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert "already complete" in capsys.readouterr().err
+    assert all(p.read_bytes() == b for p, b in files.items())  # no second evaluation row, no new picture
+
+
+def test_method_help_shows_the_defaults_it_runs_with_and_optional_values_take_null(teacher_run, tmp_path):
+    res = subprocess.run([sys.executable, "-m", "fewstep", "distill", "progressive", "--help"], capture_output=True,
+                         text=True)
+    text = " ".join(res.stdout.split())
+    assert "--ema-halflife-kimg FLOAT EMA half-life of the student in kimg (0 = no EMA) (default: 0.0)" in text
+    assert "(default: 1.0)" in text.split("--grad-clip", 2)[2][:200]  # progressive clips at 1 (S&H)
+    from fewstep.cli import build_parser
+    from fewstep.cli_args import dataclass_from_args
+    from fewstep.training.loop import TrainConfig
+
+    args = build_parser().parse_args(["distill", "progressive", "--teacher", "x", "--out", "y", "--grad-clip", "null"])
+    assert dataclass_from_args(TrainConfig, args, {"grad_clip": 1.0}).grad_clip is None
+
+
+def test_export_refuses_a_folder_that_is_not_empty(teacher_run, tmp_path, capsys):
+    assert "not an empty folder" in _err(["export", str(teacher_run), "--out", str(teacher_run)], capsys)
+
+
+def test_resuming_with_another_init_is_refused_and_keeps_the_runs_config(teacher_run, tmp_path, capsys):
+    out = tmp_path / "mix"
+    base = ["distill", "sid", "--teacher", "mixture:ring8", "--out", str(out), "--total-kimg", "0.1",
+            "--batch-size", "32", *QUIET]
+    assert main(base + ["--init", str(teacher_run)]) == 0
+    cfg = (out / "config.json").read_text()
+    assert "different init" in _err(base + ["--total-kimg", "0.2", "--init", "shipped:8gaussians"], capsys)
+    assert (out / "config.json").read_text() == cfg

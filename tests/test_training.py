@@ -17,6 +17,7 @@ from fewstep.errors import FewstepError
 from fewstep.methods.base import DataInfo, Method, Phase
 from fewstep.model import load_model
 from fewstep.teachers.training import EDMTeacher, TeacherConfig
+from fewstep.training.checkpoint import write_checkpoint_dir
 from fewstep.training.loop import TrainConfig, Trainer
 
 INFO = DataInfo(kind="points", sample_shape=(2,), name="8gaussians")
@@ -106,7 +107,7 @@ def test_snapshots_and_evaluations_of_the_live_network_leave_it_training(tmp_pat
     Trainer(full, cfg, tmp_path / "a", dataset=ds, evaluator=evaluator).run_training()
     assert len(modes) == 20 and all(modes)
     assert len(evaluations) >= 3 and not any(evaluations)  # evaluated in eval mode
-    assert list((tmp_path / "a" / "samples").glob("samples-*.png"))  # snapshots were taken
+    assert len(list((tmp_path / "a" / "samples").glob("samples-*.png"))) == 3  # 0.64 kimg apart: none overwritten
     Trainer(_teacher(net), cfg, tmp_path / "b", dataset=ds, evaluator=evaluator).run_training(max_iterations=7)
     resumed = _teacher(net, seed=99)
     Trainer(resumed, cfg, tmp_path / "b", dataset=ds, evaluator=evaluator).run_training()
@@ -128,12 +129,17 @@ def test_a_crash_between_the_two_renames_of_a_checkpoint_swap_loses_nothing(tmp_
     assert len(state) == 1
     for folder in (run / "model", state[0]):  # the first rename of a swap, and then the kill
         os.replace(folder, folder.with_name(f".{folder.name}.old"))
+    for junk in (run / "checkpoints" / ".state-00000012.k3j9x1", run / ".model.q8z2"):  # killed mid-write
+        junk.mkdir()
     after = load_model(run).denoiser.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     resumed = Trainer(_teacher(tiny_mlp), _cfg(total_kimg=1.28, keep_checkpoints=1), run, dataset=ds)
     assert resumed.latest_state() == state[0]
     resumed.run_training()
     assert resumed.iteration == 10 and not list(run.rglob(".*.old"))
+    assert not (run / "checkpoints" / ".state-00000012.k3j9x1").exists()  # half-written states are removed
+    write_checkpoint_dir(run / "model", {"config.json": {"a": 1}})
+    assert not (run / ".model.q8z2").exists()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
@@ -156,6 +162,7 @@ def test_torchrun_on_gpus_gives_each_process_its_own_gpu_and_a_backend_for_cpu_d
 
     chosen = []
     monkeypatch.setattr(torch.cuda, "set_device", lambda d: chosen.append(torch.device(d)))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setenv("LOCAL_RANK", "1")
     assert dist.process_device("cuda") == torch.device("cuda", 1) and chosen == [torch.device("cuda", 1)]
     assert dist.process_device("cuda:0") == torch.device("cuda", 0)  # an explicit GPU is kept

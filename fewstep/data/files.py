@@ -30,8 +30,9 @@ LABEL_KEYS = ("labels", "y")
 
 
 def load_path(path: str | Path) -> Dataset:
-    """Load a user file or folder as one un-split :class:`Dataset` (``split_name="all"``)."""
-    path = Path(path).expanduser()
+    """Load a user file or folder as one un-split :class:`Dataset` (``split_name="all"``), named by its
+    absolute path (a model trained on it finds it again from any working directory)."""
+    path = Path(path).expanduser().absolute()
     if path.is_dir():
         return load_image_folder(path)
     if not path.is_file():

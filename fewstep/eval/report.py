@@ -128,7 +128,7 @@ def _curves(stats: list[dict], metrics: list[dict], tmp: Path) -> list[tuple[str
 
 
 def _kimg_of(p: Path) -> float | None:
-    m = re.search(r"(\d+)kimg", p.name)
+    m = re.search(r"(\d+(?:\.\d+)?)kimg", p.name)
     return float(m.group(1)) if m else None
 
 

@@ -82,6 +82,9 @@ def initial_network(method: str, teacher, init=None) -> nn.Module:
     from ..teachers.diffusers_adapter import is_diffusers_denoiser
 
     src = init or teacher
+    if init is not None and not (isinstance(init.denoiser, EDMPrecond) or is_diffusers_denoiser(init.denoiser)):
+        raise FewstepError(f"--init must be a model with a network to copy (a fewstep denoiser or a diffusers "
+                           f"UNet); this one ({init.config.get('type')}) has none")
     if not (isinstance(src.denoiser, EDMPrecond) or is_diffusers_denoiser(src.denoiser)):
         raise FewstepError(
             f"{method} initialises its networks from the teacher's network, but this teacher "

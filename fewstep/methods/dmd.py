@@ -59,6 +59,7 @@ class DMDConfig(FakeScoreConfig):
         super().validate()
         require(self.regression_weight >= 0, "regression_weight must be >= 0")
         require(self.regression_pairs >= 1, "regression_pairs must be >= 1")
+        require(self.regression_steps >= 1, f"regression_steps must be >= 1 (Heun steps), got {self.regression_steps}")
 
 
 @register_method

@@ -17,6 +17,7 @@ from torch import nn
 from ..config import require
 from ..diffusion.denoiser import append_dims, edm_loss, karras_ramp
 from ..diffusion.guidance import CFGDenoiser
+from ..errors import FewstepError
 from ..model import FewstepModel, one_step_generate
 from .base import DataInfo, Method, Phase, initial_network
 
@@ -167,6 +168,12 @@ class FakeScoreMethod(Method):
         if config.dropout is not None:
             set_dropout(G, config.dropout)
             set_dropout(fake, config.dropout)
+        guidance = {k: getattr(config, k) for k in ("guidance_fake_train", "guidance_fake", "guidance_teacher")
+                    if getattr(config, k) != 1.0}
+        if guidance and teacher.data_info.num_classes == 0:
+            flags = ", ".join("--" + k.replace("_", "-") + f" {v:g}" for k, v in guidance.items())
+            raise FewstepError(f"classifier-free guidance ({flags}) needs a class-conditional teacher; "
+                               "this one is unconditional")
         src = init or teacher
         info = DataInfo(**{**teacher.data_info.__dict__})
         info.num_classes = min(teacher.data_info.num_classes, src.data_info.num_classes)

@@ -112,10 +112,14 @@ def _save_atomic(tensors: dict, path: Path, metadata: dict | None = None) -> Non
 
 
 def _read_pairs_meta(path: Path) -> dict:
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(str(path), framework="pt") as f:
-        return json.loads((f.metadata() or {}).get("fewstep", "{}"))
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return json.loads((f.metadata() or {}).get("fewstep", "{}"))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise FewstepError(f"{path} is not a pairs file written by fewstep (safetensors; {e}): delete it or "
+                           "pass another --pairs path") from None
 
 
 def load_pairs(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:

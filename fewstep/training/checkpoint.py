@@ -60,11 +60,20 @@ def _previous(path: Path) -> Path:
 def recover_checkpoint_dir(path: Path) -> Path:
     """Put back the previous version of the folder ``path`` if a crash fell between the two renames of
     :func:`write_checkpoint_dir` (``path`` gone, its previous version still aside); returns ``path``."""
-    path = Path(path)
+    path = Path(path).absolute()  # "." or a bare name has no parent to look beside
     old = _previous(path)
     if not path.exists() and old.is_dir():
         os.replace(old, path)
     return path
+
+
+def remove_stale_temporaries(folder: Path, pattern: str) -> None:
+    """Delete the temporary folders ``.PATTERN.*`` that a killed :func:`write_checkpoint_dir` left in
+    ``folder`` (each as large as a checkpoint); a previous version set aside (``.NAME.old``) is kept for
+    :func:`recover_checkpoint_dir`. One process writes a run's checkpoints, so none is in use."""
+    for d in Path(folder).glob(f".{pattern}.*"):
+        if d.is_dir() and not d.name.endswith(".old"):
+            shutil.rmtree(d, ignore_errors=True)
 
 
 def write_checkpoint_dir(path: Path, files: dict[str, dict[str, torch.Tensor] | dict]) -> Path:
@@ -79,6 +88,7 @@ def write_checkpoint_dir(path: Path, files: dict[str, dict[str, torch.Tensor] | 
     """
     path = recover_checkpoint_dir(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(path.parent, path.name)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
     try:
         for name, content in files.items():

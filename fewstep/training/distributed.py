@@ -14,11 +14,19 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..errors import FewstepError
+
 
 def process_device(device: torch.device) -> torch.device:
     """The device of this process: under torchrun a bare ``cuda`` means ``cuda:$LOCAL_RANK`` (one GPU
     per process, as NCCL requires), made the current device; anything else is kept."""
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        raise FewstepError(f"unknown device {str(device)!r}: use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise FewstepError("--device cuda, but this torch has no usable GPU (a CPU build, or no GPU visible); "
+                           "use --device cpu")
     if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     if device.type == "cuda" and device.index is not None:

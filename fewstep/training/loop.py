@@ -10,6 +10,7 @@ time, periodic evaluations, resumable training states and the exported model.
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -21,7 +22,8 @@ from ..config import require, to_dict
 from ..errors import FewstepError
 from ..methods.base import Method
 from . import distributed as dist
-from .checkpoint import read_json, read_tensors, recover_checkpoint_dir, write_checkpoint_dir
+from .checkpoint import (load_state_dict_strict, read_json, read_tensors, recover_checkpoint_dir, remove_stale_temporaries,
+                         write_checkpoint_dir)
 from .ema import EMA, ema_beta
 from .run_dir import RunDir
 
@@ -56,6 +58,9 @@ class TrainConfig:
     def validate(self) -> None:
         require(self.total_kimg > 0, f"total_kimg must be > 0, got {self.total_kimg}")
         require(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        require(0 <= self.seed < 2**31, f"seed must be in [0, 2^31), got {self.seed}")
+        require(self.snapshot_samples >= 1, f"snapshot_samples must be >= 1 (samples in each snapshot picture), "
+                                            f"got {self.snapshot_samples}")
         require(self.ema_halflife_kimg >= 0, f"ema_halflife_kimg must be >= 0, got {self.ema_halflife_kimg}")
         require(self.grad_clip is None or self.grad_clip > 0, f"grad_clip must be > 0, got {self.grad_clip}")
         for k in ("log_every_kimg", "snapshot_every_kimg", "checkpoint_every_kimg"):  # counted in whole images
@@ -218,9 +223,26 @@ class Trainer:
             shutil.rmtree(old, ignore_errors=True)
         dist.barrier()
 
+    def _finished_summary(self) -> dict | None:
+        """The summary of a run that already reached total_kimg (the same command run again), else None."""
+        path = self.run.root / "summary.json"
+        total = int(round(self.cfg.total_kimg * 1000))
+        finished = False
+        if self.nimg >= total and path.is_file():
+            try:
+                old = json.loads(path.read_text())
+                finished = old.get("stop_reason") == "done" and old.get("nimg") == self.nimg
+            except ValueError:
+                finished = False
+        if not dist.rank0_decides(finished):
+            return None
+        return json.loads(path.read_text()) if self.rank == 0 else {"nimg": self.nimg, "stop_reason": "done"}
+
     def latest_state(self):
         for aside in self.run.checkpoints.glob(".state-*.old"):  # a run killed while it replaced a state
             recover_checkpoint_dir(aside.with_name(aside.name[1:-len(".old")]))
+        if self.run.main:  # and the half-written ones of a run killed while it wrote a state
+            remove_stale_temporaries(self.run.checkpoints, "state-*")
         states = sorted(p for p in self.run.checkpoints.glob("state-*")
                         if (p / "state.json").is_file() and (p / "state.safetensors").is_file())
         return states[-1] if states else None
@@ -233,7 +255,9 @@ class Trainer:
             self.run.log(f"note: resuming a {meta.get('world_size')}-process run with {self.world} processes", echo=True)
         for name, net in m.nets.items():
             p = f"net.{name}."
-            net.load_state_dict({k[len(p):]: v for k, v in tensors.items() if k.startswith(p)})
+            load_state_dict_strict(net, {k[len(p):]: v for k, v in tensors.items() if k.startswith(p)},
+                                   f"{path.name} (the run's saved {name!r} network: was the run started with "
+                                   "another --init or network? then use another --out)")
         if self.ema is not None:
             self.ema.ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
         m.load_extra_state({k[6:]: v for k, v in tensors.items() if k.startswith("extra.")}, meta.get("extra", {}))
@@ -322,7 +346,7 @@ class Trainer:
         except ImportError:  # pragma: no cover
             return
         res = model.sample(self.cfg.snapshot_samples, seed=0)
-        name = "final.png" if final else f"samples-{self.nimg // 1000:07d}kimg.png"
+        name = "final.png" if final else f"samples-{self.nimg / 1000:011.3f}kimg.png"  # snapshots < 1 kimg apart
         save_samples_picture(res.x, self.run.root / "samples" / name, model.data_info.kind,
                              title=f"{self.method.name} · {self.nimg / 1000:.1f} kimg · NFE {res.nfe}")
 
@@ -365,14 +389,19 @@ class Trainer:
         """Train until ``total_kimg`` (or the time budget / ``max_iterations``); returns a summary."""
         cfg, m = self.cfg, self.method
         self._setup()
-        if self.run.main:
-            self.run.write_json("config.json", {**self.run_config, "train": to_dict(cfg)})
         state = self.latest_state()
         if state is not None:
             self.load_state(state)
             self.run.log(f"resumed from {state.name} at {self.nimg / 1000:.3f} kimg", echo=True)
         else:
             self.run.log(f"start: method={m.name} device={self.device} processes={self.world}")
+        if self.run.main:  # after the state loaded: a run it cannot resume keeps its own config
+            self.run.write_json("config.json", {**self.run_config, "train": to_dict(cfg)})
+        done = self._finished_summary()
+        if done is not None:
+            self.run.log(f"already complete at {self.nimg / 1000:.3f} kimg: nothing to train (summary.json kept)",
+                         echo=True)
+            return done
         if cfg.eval_every_kimg > 0 and self.evaluator is not None:
             self.run.log(f"in-run evaluation every {cfg.eval_every_kimg:g} kimg"
                          + (f", skipped when it would exceed {cfg.eval_max_share:.0%} of the time"
