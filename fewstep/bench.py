@@ -559,6 +559,9 @@ def run_bench(cfg: BenchConfig) -> dict:
               if m not in available}
     for m, why in absent.items():
         _log(f"{m}: absent, {why}")
+    for m, opts in cfg.overrides.items():  # unknown option names fail now, not after the teacher's evaluations
+        if m in available:
+            _split_overrides(available[m], opts)
     teacher = load_model(cfg.teacher, device=cfg.device)
     data = cfg.data or teacher.data_info.name
     if not data:

@@ -425,8 +425,10 @@ def main(argv: list[str] | None = None) -> int:
         where = f" ({e.filename})" if getattr(e, "filename", None) else ""
         print(f"fewstep: error: {e.strerror or e}{where}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("fewstep: interrupted; re-run the same command to resume from the last checkpoint", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        saved = str(e).endswith("state saved")  # the loop stopped cleanly and saved where it was
+        print(f"fewstep: {e if saved else 'interrupted'}; re-run the same command to resume from "
+              f"{'there' if saved else 'the last checkpoint'}", file=sys.stderr)
         return 130
 
 

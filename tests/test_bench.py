@@ -87,7 +87,7 @@ def test_a_registered_method_joins_without_editing_the_harness(teacher, tmp_path
         run_bench(cfg)
 
 
-def test_bad_bench_options_are_clear_errors(teacher, tmp_path, capsys):
+def test_bad_bench_options_are_clear_errors(teacher, tmp_path, capsys, monkeypatch):
     def err(argv):
         capsys.readouterr()
         assert main(argv) == 2
@@ -96,7 +96,13 @@ def test_bad_bench_options_are_clear_errors(teacher, tmp_path, capsys):
         return e
 
     base = ["bench", "--teacher", str(teacher), "--out", str(tmp_path / "x"), "--methods", "sid"]
-    assert "no option 'nope'" in err(base + ["--budget-kimg", "0.1", "--set", "sid.nope=1", *SMALL])
+    import fewstep.model
+
+    def not_yet(*a, **k):
+        raise AssertionError("the teacher was loaded before the options were checked")
+    with monkeypatch.context() as mp:  # an unknown option is refused before the teacher is even loaded
+        mp.setattr(fewstep.model, "load_model", not_yet)
+        assert "no option 'nope'" in err(base + ["--budget-kimg", "0.1", "--set", "sid.nope=1", *SMALL])
     assert "METHOD.OPTION=VALUE" in err(base + ["--budget-kimg", "0.1", "--set", "oops"])
     assert "not among the benched" in err(base + ["--budget-kimg", "0.1", "--set", "dmd.lr_g=1"])
     assert "Inception weights not found" in err(base + ["--budget-kimg", "0.1", "--inception",

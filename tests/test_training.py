@@ -219,6 +219,37 @@ def test_killed_cli_run_resumes_and_matches_uninterrupted(tmp_path):
         assert torch.equal(a[k], b[k]), k
 
 
+def test_ctrl_c_saves_the_state_where_it_stopped_and_the_run_resumes_exactly(tmp_path):
+    """The first Ctrl-C ends the loop after the current iteration and saves the training state there (no
+    periodic checkpoint in this run), exit code 130; the same command then resumes to the uninterrupted result."""
+    args = ["teacher", "--data", "8gaussians", "--net", json.dumps({"name": "mlp", "dim": 2, "width": 32,
+            "depth": 2, "emb_channels": 16}), "--total-kimg", "25.6", "--batch-size", "64",
+            "--checkpoint-every-kimg", "1000", "--snapshot-every-kimg", "1000", "--log-every-kimg", "0.064",
+            "--no-progress", "--ema-halflife-kimg", "0.5"]
+    env = {**os.environ, "FEWSTEP_THREADS": "1"}
+    ref = subprocess.run(_cli(*args, "--out", str(tmp_path / "ref")), env=env, capture_output=True, text=True)
+    assert ref.returncode == 0, ref.stderr
+    run = tmp_path / "int"
+    p = subprocess.Popen(_cli(*args, "--out", str(run)), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                         text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and (not (run / "stats.jsonl").is_file()
+                                      or len((run / "stats.jsonl").read_text().splitlines()) < 5):
+        time.sleep(0.02)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130, err
+    assert "state saved" in err and "re-run the same command" in err and "Traceback" not in err
+    states = list((run / "checkpoints").glob("state-*"))
+    assert len(states) == 1 and json.loads((run / "summary.json").read_text())["stop_reason"] == "interrupted"
+    res = subprocess.run(_cli(*args, "--out", str(run)), env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert "resumed from state-" in (run / "log.txt").read_text()
+    a, b = load_model(tmp_path / "ref").denoiser.state_dict(), load_model(run).denoiser.state_dict()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
 class _NaNMethod(Method):
     name = "nan-test"
 

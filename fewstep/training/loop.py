@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import signal
+import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -89,6 +92,31 @@ Evaluator = Callable[["object"], dict]  # FewstepModel -> metrics
 
 
 # ---- optimiser state <-> safetensors ------------------------------------------------------------
+class _CtrlC:
+    """Ctrl-C during training: the first press ends the loop after the current iteration (the
+    training state is then saved, so nothing is lost); a second press interrupts at once. Only in
+    the main thread, and only where Python's own SIGINT handler is installed (a caller's is kept)."""
+
+    def __init__(self):
+        self.pressed = False
+        self.armed = (threading.current_thread() is threading.main_thread()
+                      and signal.getsignal(signal.SIGINT) is signal.default_int_handler)
+        if self.armed:
+            signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.pressed:
+            raise KeyboardInterrupt
+        self.pressed = True
+        print("\nfewstep: interrupted: saving the training state after this iteration (Ctrl-C again to stop "
+              "at once)", file=sys.stderr, flush=True)
+
+    def disarm(self) -> None:
+        if self.armed:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            self.armed = False
+
+
 @contextlib.contextmanager
 def kept_modes(net: nn.Module):
     """Restore every submodule's train/eval flag after the block: a snapshot or an evaluation of
@@ -432,76 +460,84 @@ class Trainer:
         iters_this_run = 0
         last_metric = None
         stop_reason = "done"
-        while self.nimg < total:
-            if max_iterations is not None and iters_this_run >= max_iterations:
-                stop_reason = "max_iterations"
-                break
-            if cfg.max_minutes is not None and dist.rank0_decides(self.elapsed >= cfg.max_minutes * 60):
-                stop_reason = "time budget"
-                break
-            t_it = time.perf_counter()
-            m.begin_iteration(self.nimg, total)
-            batch = self._batch()
-            for phase in m.phases():
-                self._run_phase(phase, batch, stats)
-            m.end_iteration(self.nimg)
-            self.nimg += per_iter
-            self.iteration += 1
-            iters_this_run += 1
-            if self.ema is not None:
-                # the ramp-up caps the half-life at the images seen *before* this step, as EDM's loop does
-                # (its cur_nimg is incremented after the EMA update): the first step copies the weights
-                beta = ema_beta(per_iter, cfg.ema_halflife_kimg, self.nimg - per_iter, cfg.ema_rampup)
-                self.ema.update(beta)
-            self.elapsed = elapsed0 + (time.perf_counter() - t_start) - self._pause
-            stats.setdefault("sec_per_iter", []).append(time.perf_counter() - t_it)
-            if bar is not None:
-                bar.update(min(self.elapsed, budget) - bar.n if time_bar else per_iter / 1000)
-            crossed = {k: self.nimg // int(getattr(cfg, f"{k}_every_kimg") * 1000) > marks[k] for k in marks}
-            done = self.nimg >= total
-            if crossed["log"] or done:
-                marks["log"] = self.nimg // int(cfg.log_every_kimg * 1000)
-                rec = {k: sum(v) / len(v) for k, v in stats.items() if v}
-                rec = dist.all_reduce_mean(rec)
-                rec.update({"nimg": self.nimg, "kimg": self.nimg / 1000, "iteration": self.iteration,
-                            "train_seconds": round(self.elapsed, 3), "nonfinite_losses": self.nonfinite_total,
-                            "nonfinite_grad_steps": self.nonfinite_grads})
-                self.run.append_jsonl("stats.jsonl", rec)
-                self.run.scalars({k: v for k, v in rec.items() if "/" in k or k == "sec_per_iter"}, self.nimg)
+        interrupt = _CtrlC()
+        try:
+            while self.nimg < total:
+                if max_iterations is not None and iters_this_run >= max_iterations:
+                    stop_reason = "max_iterations"
+                    break
+                if interrupt.armed and dist.rank0_decides(interrupt.pressed):
+                    stop_reason = "interrupted"
+                    break
+                if cfg.max_minutes is not None and dist.rank0_decides(self.elapsed >= cfg.max_minutes * 60):
+                    stop_reason = "time budget"
+                    break
+                t_it = time.perf_counter()
+                m.begin_iteration(self.nimg, total)
+                batch = self._batch()
+                for phase in m.phases():
+                    self._run_phase(phase, batch, stats)
+                m.end_iteration(self.nimg)
+                self.nimg += per_iter
+                self.iteration += 1
+                iters_this_run += 1
+                if self.ema is not None:
+                    # the ramp-up caps the half-life at the images seen *before* this step, as EDM's loop does
+                    # (its cur_nimg is incremented after the EMA update): the first step copies the weights
+                    beta = ema_beta(per_iter, cfg.ema_halflife_kimg, self.nimg - per_iter, cfg.ema_rampup)
+                    self.ema.update(beta)
+                self.elapsed = elapsed0 + (time.perf_counter() - t_start) - self._pause
+                stats.setdefault("sec_per_iter", []).append(time.perf_counter() - t_it)
                 if bar is not None:
-                    post = {k.split("/", 1)[1]: f"{v:.4g}" for k, v in rec.items() if k.startswith("loss/")}
-                    post["it/s"] = f"{1.0 / max(rec.get('sec_per_iter', 1e-9), 1e-9):.1f}"
-                    post["img/s"] = f"{per_iter / max(rec.get('sec_per_iter', 1e-9), 1e-9):.0f}"
-                    if time_bar:
-                        post["kimg"] = f"{self.nimg / 1000:.1f}"
-                    if last_metric:
-                        post.update(last_metric)
-                    bar.set_postfix(post, refresh=False)
-                stats = {}
-            if eval_mark is not None and self.nimg // int(cfg.eval_every_kimg * 1000) > eval_mark and not done:
-                eval_mark = self.nimg // int(cfg.eval_every_kimg * 1000)
-                t_e = time.perf_counter()
-                res = None if self._eval_over_share() else self._evaluate()
-                self._pause += time.perf_counter() - t_e
-                if res:
-                    from ..eval.tables import primary_metric
+                    bar.update(min(self.elapsed, budget) - bar.n if time_bar else per_iter / 1000)
+                crossed = {k: self.nimg // int(getattr(cfg, f"{k}_every_kimg") * 1000) > marks[k] for k in marks}
+                done = self.nimg >= total
+                if crossed["log"] or done:
+                    marks["log"] = self.nimg // int(cfg.log_every_kimg * 1000)
+                    rec = {k: sum(v) / len(v) for k, v in stats.items() if v}
+                    rec = dist.all_reduce_mean(rec)
+                    rec.update({"nimg": self.nimg, "kimg": self.nimg / 1000, "iteration": self.iteration,
+                                "train_seconds": round(self.elapsed, 3), "nonfinite_losses": self.nonfinite_total,
+                                "nonfinite_grad_steps": self.nonfinite_grads})
+                    self.run.append_jsonl("stats.jsonl", rec)
+                    self.run.scalars({k: v for k, v in rec.items() if "/" in k or k == "sec_per_iter"}, self.nimg)
+                    if bar is not None:
+                        post = {k.split("/", 1)[1]: f"{v:.4g}" for k, v in rec.items() if k.startswith("loss/")}
+                        post["it/s"] = f"{1.0 / max(rec.get('sec_per_iter', 1e-9), 1e-9):.1f}"
+                        post["img/s"] = f"{per_iter / max(rec.get('sec_per_iter', 1e-9), 1e-9):.0f}"
+                        if time_bar:
+                            post["kimg"] = f"{self.nimg / 1000:.1f}"
+                        if last_metric:
+                            post.update(last_metric)
+                        bar.set_postfix(post, refresh=False)
+                    stats = {}
+                if eval_mark is not None and self.nimg // int(cfg.eval_every_kimg * 1000) > eval_mark and not done:
+                    eval_mark = self.nimg // int(cfg.eval_every_kimg * 1000)
+                    t_e = time.perf_counter()
+                    res = None if self._eval_over_share() else self._evaluate()
+                    self._pause += time.perf_counter() - t_e
+                    if res:
+                        from ..eval.tables import primary_metric
 
-                    pm = primary_metric(res) or next(((k, v, False) for k, v in res.items()
-                                                      if isinstance(v, (int, float))), None)
-                    last_metric = {pm[0]: f"{pm[1]:.4g}"} if pm else None
-            if crossed["snapshot"] and not done:
-                marks["snapshot"] = self.nimg // int(cfg.snapshot_every_kimg * 1000)
-                t_e = time.perf_counter()
-                self._snapshot()
-                self._pause += time.perf_counter() - t_e
-            if crossed["checkpoint"] and not done:
-                marks["checkpoint"] = self.nimg // int(cfg.checkpoint_every_kimg * 1000)
-                self.save_state()
+                        pm = primary_metric(res) or next(((k, v, False) for k, v in res.items()
+                                                          if isinstance(v, (int, float))), None)
+                        last_metric = {pm[0]: f"{pm[1]:.4g}"} if pm else None
+                if crossed["snapshot"] and not done:
+                    marks["snapshot"] = self.nimg // int(cfg.snapshot_every_kimg * 1000)
+                    t_e = time.perf_counter()
+                    self._snapshot()
+                    self._pause += time.perf_counter() - t_e
+                if crossed["checkpoint"] and not done:
+                    marks["checkpoint"] = self.nimg // int(cfg.checkpoint_every_kimg * 1000)
+                    self.save_state()
+        finally:
+            interrupt.disarm()
         if bar is not None:
             bar.close()
         self.save_state()
-        self._snapshot(final=stop_reason != "max_iterations")
-        final_metrics = self._evaluate() if stop_reason != "max_iterations" else None
+        partial = stop_reason in ("max_iterations", "interrupted")
+        self._snapshot(final=not partial)
+        final_metrics = None if partial else self._evaluate()
         summary = {"method": m.name, "stop_reason": stop_reason, "nimg": self.nimg, "kimg": self.nimg / 1000,
                    "iterations": self.iteration, "train_seconds": round(self.elapsed, 3),
                    "eval_seconds": round(self.eval_seconds, 3),
@@ -514,6 +550,8 @@ class Trainer:
         self.run.log(f"stopped ({stop_reason}) at {self.nimg / 1000:.3f} kimg after {self.elapsed:.1f}s of training", echo=cfg.progress)
         self.run.close()
         dist.barrier()  # ranks leave together (rank 0 evaluated and wrote alone)
+        if stop_reason == "interrupted":  # the state is saved: now interrupt the caller as Ctrl-C would have
+            raise KeyboardInterrupt(f"training interrupted at {self.nimg / 1000:.3f} kimg; state saved")
         return summary
 
 
