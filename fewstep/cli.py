@@ -100,6 +100,8 @@ def cmd_teacher(args) -> int:
     base = {}
     if args.net is None:
         base["net"] = _preset_for(ds)
+    elif isinstance(args.net, dict) and "name" not in args.net:  # a partial --net changes the data's preset
+        args.net = {**_preset_for(ds), **args.net}
     cfg = dataclass_from_args(TeacherConfig, args, base)
     num_classes = ds.num_classes if args.conditional else 0
     if args.conditional and ds.num_classes == 0:

@@ -19,8 +19,10 @@ def shipped_teacher(name: str) -> Path:
     p = ASSETS / name
     if not (p / "model.safetensors").is_file():
         have = sorted(d.name for d in ASSETS.iterdir()) if ASSETS.is_dir() else []
-        raise FewstepError(f"no shipped teacher {name!r} (shipped: {have or 'none'}); train one with "
-                           f"`python benchmarks/teachers.py --only {name}`")
+        made = {"8gaussians", "25gaussians", "digits", "mnist5k"}  # what benchmarks/teachers.py trains
+        how = (f"; train it with `python benchmarks/teachers.py --only {name}`" if name in made
+               else "; train a teacher of your own with `fewstep teacher --data NAME --out DIR` and pass DIR")
+        raise FewstepError(f"no shipped teacher {name!r} (shipped: {', '.join(have) or 'none'}){how}")
     return p
 
 
@@ -28,8 +30,9 @@ def _row(name, r, fd_key):
     """One table line: NFE, FD at n, FD at the floor's sample count, throughput."""
     if fd_key is None:  # points: exact log-likelihood
         return f"{name:22s} {r['nfe']:>4d} {r['log_likelihood']:>10.3f} {'':>12s} {r['samples_per_second']:>12.1f}"
-    at_floor = r.get(f"{fd_key}_at_floor_n", r[fd_key])
-    return f"{name:22s} {r['nfe']:>4d} {r[fd_key]:>10.3f} {at_floor:>12.3f} {r['samples_per_second']:>12.1f}"
+    at_floor = r.get(f"{fd_key}_at_floor_n")
+    second = f"{at_floor:>12.3f}" if at_floor is not None else f"{'':>12s}"
+    return f"{name:22s} {r['nfe']:>4d} {r[fd_key]:>10.3f} {second} {r['samples_per_second']:>12.1f}"
 
 
 def run_demo(out: str | Path, *, data: str = "digits", minutes: float = 4.0, n_eval: int = 1000,
@@ -89,7 +92,8 @@ def run_demo(out: str | Path, *, data: str = "digits", minutes: float = 4.0, n_e
     print("[3/3] results", file=sys.stderr)
     n, nf = t_res.get("n", n_eval), t_res.get("n_floor", n_eval)
     head = "loglik" if fd_key is None else f"FD n={n}"
-    print(f"\n{'model':22s} {'NFE':>4s} {head:>10s} {('FD n=' + str(nf)) if fd_key else '':>12s} {'samples/s':>12s}")
+    second = f"FD n={nf}" if fd_key and nf != n else ""  # the FD at the floor's n, when it has fewer images
+    print(f"\n{'model':22s} {'NFE':>4s} {head:>10s} {second:>12s} {'samples/s':>12s}")
     print(_row("teacher (Heun)", t_res, fd_key))
     print(_row("SiD student (1 step)", s_res, fd_key))
     if floor_key and floor_key in t_res:

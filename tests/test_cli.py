@@ -249,3 +249,11 @@ def test_resuming_with_another_init_is_refused_and_keeps_the_runs_config(teacher
     cfg = (out / "config.json").read_text()
     assert "different init" in _err(base + ["--total-kimg", "0.2", "--init", "shipped:8gaussians"], capsys)
     assert (out / "config.json").read_text() == cfg
+
+
+def test_a_partial_net_changes_the_datas_preset(tmp_path):
+    out = tmp_path / "t"
+    assert main(["teacher", "--data", "8gaussians", "--net", '{"width": 24}', "--out", str(out), "--total-kimg",
+                 "0.064", "--batch-size", "32", *QUIET]) == 0
+    net = json.loads((out / "model" / "config.json").read_text())["net"]
+    assert net["name"] == "mlp" and net["width"] == 24  # the preset's other fields kept
