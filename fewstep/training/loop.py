@@ -91,7 +91,7 @@ def autocast(device: torch.device, precision: str):
 Evaluator = Callable[["object"], dict]  # FewstepModel -> metrics
 
 
-# ---- optimiser state <-> safetensors ------------------------------------------------------------
+# ---- interruption and network modes ---------------------------------------------------------------
 class _CtrlC:
     """Ctrl-C during training: the first press ends the loop after the current iteration (the
     training state is then saved, so nothing is lost); a second press interrupts at once. Only in
@@ -129,6 +129,7 @@ def kept_modes(net: nn.Module):
             m.training = training
 
 
+# ---- optimiser state <-> safetensors ------------------------------------------------------------
 def _flatten_optimizer(opt: torch.optim.Optimizer, prefix: str) -> tuple[dict, dict]:
     sd = opt.state_dict()
     tensors, state_meta = {}, {}
