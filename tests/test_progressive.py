@@ -247,6 +247,7 @@ def test_stages_halve_the_saved_students_steps_and_switch_teachers(tmp_path):
                                m.teacher.net.state_dict()["fc_out.weight"], rtol=0, atol=0)
     stats = [json.loads(s) for s in (run / "stats.jsonl").read_text().splitlines()]
     assert stats[0]["student_steps"] == 4 and stats[-1]["student_steps"] == 2
+    assert "stage 2 of 2: 4 → 2 steps" in (run / "log.txt").read_text()
 
 
 def test_learning_rate_anneals_to_zero_within_each_stage():

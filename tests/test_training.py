@@ -85,6 +85,10 @@ def test_interrupted_run_resumes_exactly(tmp_path, tiny_mlp):
     for k in a:
         assert torch.equal(a[k], b[k]), k
     stats = (tmp_path / "b" / "stats.jsonl").read_text().splitlines()
+    other = Trainer(_teacher(tiny_mlp), _cfg(total_kimg=2.56, batch_size=64, seed=5), tmp_path / "b", dataset=ds)
+    other.run_training(max_iterations=0)  # a resume with other options says what they change
+    log = (tmp_path / "b" / "log.txt").read_text()
+    assert "used --batch-size 128, this resume uses 64" in log and "--seed 5 is ignored on resume" in log
     assert [json.loads(s)["nimg"] for s in stats] == [json.loads(s)["nimg"] for s in
                                                        (tmp_path / "a" / "stats.jsonl").read_text().splitlines()]
 

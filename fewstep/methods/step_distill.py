@@ -370,6 +370,8 @@ class StepDistillMethod(Method):
         self.stage += 1
         self.optimizers = self.build_optimizers()
         self.on_stage_start()
+        self.log(f"stage {self.stage + 1} of {self.num_stages}: {self.teacher_steps} → {self.student_steps} steps "
+                 f"(the {self.teacher_steps}-step student, saved in stages/steps-{self.teacher_steps}, teaches it)")
 
     def on_stage_start(self) -> None:
         """Hook for subclasses (e.g. TRACT resets its self-teacher)."""

@@ -184,6 +184,7 @@ class Trainer:
         m.to(self.device)
         m.batch_size = self.cfg.batch_size
         m.run_dir = self.run.root  # methods may write artefacts of their own there (e.g. stage students)
+        m.log = self.run.log
         m.check_training(self.cfg, self.world)
         for net in m.nets.values():
             dist.broadcast_module(net)
@@ -226,7 +227,8 @@ class Trainer:
         tensors: dict[str, torch.Tensor] = {}
         meta: dict = {"iteration": self.iteration, "nimg": self.nimg, "elapsed": self.elapsed,
                       "eval_seconds": self.eval_seconds, "nonfinite_total": self.nonfinite_total,
-                      "nonfinite_grads": self.nonfinite_grads, "optimizers": {}, "world_size": self.world}
+                      "nonfinite_grads": self.nonfinite_grads, "optimizers": {}, "world_size": self.world,
+                      "batch_size": self.cfg.batch_size, "seed": self.cfg.seed}
         for name, net in m.nets.items():
             tensors.update({f"net.{name}.{k}": v for k, v in net.state_dict().items()})
         if self.ema is not None:
@@ -282,6 +284,12 @@ class Trainer:
         tensors = read_tensors(path / "state.safetensors")
         if meta.get("world_size", 1) != self.world:
             self.run.log(f"note: resuming a {meta.get('world_size')}-process run with {self.world} processes", echo=True)
+        if meta.get("batch_size", self.cfg.batch_size) != self.cfg.batch_size:
+            self.run.log(f"note: the run so far used --batch-size {meta['batch_size']}, this resume uses "
+                         f"{self.cfg.batch_size}: it goes on, but no longer as the uninterrupted run would", echo=True)
+        if meta.get("seed", self.cfg.seed) != self.cfg.seed:
+            self.run.log(f"note: --seed {self.cfg.seed} is ignored on resume: the run's random streams (seed "
+                         f"{meta['seed']}) come back from the training state", echo=True)
         for name, net in m.nets.items():
             p = f"net.{name}."
             load_state_dict_strict(net, {k[len(p):]: v for k, v in tensors.items() if k.startswith(p)},
