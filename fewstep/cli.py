@@ -231,13 +231,16 @@ def cmd_sample(args) -> int:
     dt = time.perf_counter() - t0
     out.parent.mkdir(parents=True, exist_ok=True)
     x = res.x.detach().cpu()
-    if out.suffix == ".npy":
-        np.save(out, x.numpy())
-    elif out.suffix == ".npz":
+    suffix = out.suffix.lower()
+    if suffix == ".npy":
+        with open(out, "wb") as f:  # a file object: numpy would append ".npy" to "S.NPY"
+            np.save(f, x.numpy())
+    elif suffix == ".npz":
         lab = labels if labels is not None else (
             torch.arange(args.n) % model.data_info.num_classes if model.data_info.num_classes else None)
-        np.savez(out, x=x.numpy(), **({"labels": lab.cpu().numpy()} if lab is not None else {}))
-    elif out.suffix.lower() in (".png", ".jpg", ".jpeg"):
+        with open(out, "wb") as f:
+            np.savez(f, x=x.numpy(), **({"labels": lab.cpu().numpy()} if lab is not None else {}))
+    elif suffix in (".png", ".jpg", ".jpeg"):
         from .eval.pictures import save_samples_picture
 
         save_samples_picture(x, out, model.data_info.kind, title=f"NFE {res.nfe}")

@@ -202,6 +202,8 @@ def test_sampling_options_are_used_or_refused_never_ignored(teacher_run, tmp_pat
     assert "steps must be >= 1" in _err(["sample", str(teacher_run), "--steps", "0", "--out", png], capsys)
     assert "one-step generator" in _err(["sample", str(out), "--steps", "4", "--out", png], capsys)
     assert main(["sample", str(out), "--sampler", "heun", "--steps", "4", "--out", png]) == 0  # as a denoiser
+    assert main(["sample", str(out), "--n", "5", "--out", str(tmp_path / "S.NPY")]) == 0  # suffixes in any case
+    assert np.load(tmp_path / "S.NPY").shape == (5, 2)
     assert "--out must end in" in _err(["sample", str(out), "--out", str(tmp_path / "s.gif")], capsys)
     (tmp_path / "file").write_text("x")
     assert str(tmp_path / "file") in _err(["sample", str(out), "--out", str(tmp_path / "file" / "s.png")], capsys)

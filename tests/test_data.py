@@ -292,12 +292,14 @@ def test_sixteen_bit_image_files_are_read_as_0_to_65535_however_dark(tmp_path):
                                torch.tensor([100, 150, 200]) / 65535.0, rtol=1e-5, atol=1e-6)
 
 
-def test_subset_takes_a_boolean_mask_and_to_model_reads_any_integer_pixels_like_the_loaders():
+def test_subset_takes_a_boolean_mask_and_to_model_reads_integer_pixels_by_dtype():
     ds = load_dataset("digits", split="test")
     mask = ds.labels == 3
     sub = ds.subset(mask)
     assert len(sub) == int(mask.sum()) > 2 and torch.equal(sub.x, ds.x[mask]) and set(sub.labels.tolist()) == {3}
     px = torch.tensor([0, 128, 255]).reshape(1, 1, 1, 3)
     want = ds.to_model(px.to(torch.uint8))
-    for dtype in (torch.int16, torch.int32, torch.int64):
-        torch.testing.assert_close(ds.to_model(px.to(dtype)), want)
+    torch.testing.assert_close(want.flatten(), torch.tensor([-1.0, 2 * 128 / 255 - 1, 1.0]))
+    torch.testing.assert_close(ds.to_model((px * 257).to(torch.uint16)), want)  # by dtype, not by value
+    with pytest.raises(FewstepError, match="no known range"):  # int64 0..255 or 0..65535? not from one batch
+        ds.to_model(px)

@@ -319,3 +319,8 @@ def test_table_columns_state_the_floors_n_and_images_without_a_feature_net_lead_
     inception = {"fid_inception": 12.5, "kid_inception": 0.01, "precision_inception": 0.7}
     assert metric_kind(inception) == "images" and primary_metric(inception) == ("fid_inception", 12.5, False)
     assert [k for _, k in columns(inception)][:2] == ["fid_inception", "kid_inception"]
+
+
+def test_point_samples_that_are_all_non_finite_are_a_clear_error():
+    with pytest.raises(FewstepError, match="need >= 2 finite samples"):
+        evaluate_samples(torch.full((50, 2), float("nan")), dataset="moons")

@@ -305,6 +305,8 @@ def test_stage_layouts_that_skip_a_stage_or_mix_stages_are_refused(tmp_path):
     # stages shorter than one iteration: students that are copies of their teachers
     with pytest.raises(FewstepError, match=r"fewer than one iteration's 100.*at least 0\.3"):
         Trainer(make(), _cfg(total_kimg=0.25), tmp_path / "b", dataset=ds).run_training()
+    with pytest.raises(FewstepError, match="less than one iteration.*raise it to at least 0.1"):
+        Trainer(make(kimg_per_stage=0.01), _cfg(total_kimg=10.0), tmp_path / "d", dataset=ds).run_training()
     # the loop's EMA would average students of different step counts
     with pytest.raises(FewstepError, match="ema-residual"):
         Trainer(make(), _cfg(ema_halflife_kimg=1.0), tmp_path / "c", dataset=ds).run_training()

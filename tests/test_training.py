@@ -142,8 +142,20 @@ def test_a_crash_between_the_two_renames_of_a_checkpoint_swap_loses_nothing(tmp_
     resumed.run_training()
     assert resumed.iteration == 10 and not list(run.rglob(".*.old"))
     assert not (run / "checkpoints" / ".state-00000012.k3j9x1").exists()  # half-written states are removed
-    write_checkpoint_dir(run / "model", {"config.json": {"a": 1}})
+    write_checkpoint_dir(run / "model", {"config.json": {"a": 1}, "model.safetensors": {"w": torch.zeros(1)}})
     assert not (run / ".model.q8z2").exists()
+    # a folder holding anything but a checkpoint is never replaced (model.save(".") must not empty the folder)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    with pytest.raises(FewstepError, match="other files than a checkpoint's"):
+        write_checkpoint_dir(tmp_path / "mine", {"config.json": {"a": 1}})
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
+    os.chdir(run / "model")  # nor the current folder: the swap would move it away under the process
+    try:
+        with pytest.raises(FewstepError, match="current folder"):
+            write_checkpoint_dir(Path("."), {"config.json": {"a": 1}, "model.safetensors": {"w": torch.zeros(1)}})
+    finally:
+        os.chdir(tmp_path)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")

@@ -188,13 +188,16 @@ class Dataset:
         return -1 if self.kind == "points" else -3
 
     def to_model(self, raw) -> torch.Tensor:
-        """Raw units → model space. Images: floats in [0, 1], or integer pixels (read as [0, 255], or
-        16-bit [0, 65535] when larger, like the loaders)."""
+        """Raw units → model space. Images: floats in [0, 1], or integer pixels by their dtype (uint8:
+        [0, 255]; uint16: [0, 65535]; other integer types must be converted first, their range is not
+        known from a batch)."""
         raw = torch.as_tensor(raw)
         if self.kind == "images" and not raw.is_floating_point():
-            from .images import to_unit_range
-
-            raw = torch.from_numpy(to_unit_range(raw.cpu().numpy(), "to_model")[0])
+            top = {torch.uint8: 255.0, torch.uint16: 65535.0}.get(raw.dtype)
+            if top is None:
+                raise FewstepError(f"to_model: integer pixels of dtype {raw.dtype} have no known range; pass "
+                                   "uint8 (0..255), uint16 (0..65535) or floats in [0, 1]")
+            raw = raw.float() / top
         return self.affine.to_model(raw, self._channel_dim)
 
     def from_model(self, x: torch.Tensor, clamp: bool = True) -> torch.Tensor:

@@ -21,6 +21,8 @@ Protocol for images (the same for samples and for the floor):
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..errors import FewstepError
@@ -211,9 +213,10 @@ def _evaluate_points(x: torch.Tensor, nonfinite: float, dataset, reference, seed
             raise FewstepError("point samples need mixture= (exact measures), dataset= or reference=")
         reference = _real_images(dataset, "train")
     ref = torch.as_tensor(reference).detach().cpu().reshape(len(reference), -1)
-    if x.reshape(x.shape[0], -1).shape[1] != ref.shape[1]:
-        raise FewstepError(f"the samples have {x.reshape(x.shape[0], -1).shape[1]} coordinates but the reference "
-                           f"points {ref.shape[1]}: evaluate against the data the model was trained on (--data)")
+    dims = math.prod(x.shape[1:])
+    if dims != ref.shape[1]:
+        raise FewstepError(f"the samples have {dims} coordinates but the reference points {ref.shape[1]}: "
+                           "evaluate against the data the model was trained on (--data)")
     if x.shape[0] < 2 or ref.shape[0] < 2:
         raise FewstepError(f"need >= 2 finite samples and reference points, got {x.shape[0]} and {ref.shape[0]}")
     n = min(x.shape[0], ref.shape[0], 2000)

@@ -388,18 +388,21 @@ class StepDistillMethod(Method):
         total = int(round(train_config.total_kimg * 1000))
         per = self.images_per_iteration(train_config.batch_size) * world_size
         starts = self.stage_starts(total)
-        for k in range(self.num_stages):
+        s = self.num_stages
+        per_stage = self.config.kimg_per_stage * 1000
+        if 0 < per_stage < per:
+            raise FewstepError(f"--kimg-per-stage {self.config.kimg_per_stage:g} is less than one iteration "
+                               f"({per} images): raise it to at least {per / 1000:g}")
+        for k in range(s):
             if starts[k + 1] - starts[k] < per:
-                s = self.num_stages
-                need = ((s - 1) * self.config.kimg_per_stage * 1000 + per if self.config.kimg_per_stage > 0
-                        else s * per)
+                need = (s - 1) * per_stage + per if per_stage > 0 else s * per
                 raise FewstepError(
                     f"{s} stages ({' → '.join(map(str, self.schedule))} steps) do not fit in "
                     f"total_kimg={train_config.total_kimg:g}: stage {k + 1} ({self.schedule[k]} → "
                     f"{self.schedule[k + 1]} steps) would get {max(starts[k + 1] - starts[k], 0)} images, fewer "
                     f"than one iteration's {per}, and its student would be a copy of its teacher; raise "
                     f"--total-kimg to at least {need / 1000:g}"
-                    + (" or lower --kimg-per-stage" if self.config.kimg_per_stage > 0 else ""))
+                    + (" or lower --kimg-per-stage" if per_stage > 0 else ""))
 
     def begin_iteration(self, nimg: int, total_nimg: int) -> None:
         self._total_nimg = int(total_nimg)

@@ -10,6 +10,7 @@ never leaves a half-written checkpoint under the final name.
 """
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -63,7 +64,11 @@ def recover_checkpoint_dir(path: Path) -> Path:
     path = Path(path).absolute()  # "." or a bare name has no parent to look beside
     old = _previous(path)
     if not path.exists() and old.is_dir():
-        os.replace(old, path)
+        try:
+            os.replace(old, path)
+        except OSError:  # another process (a rank, a reader) put it back first
+            if not path.exists():
+                raise
     return path
 
 
@@ -71,7 +76,7 @@ def remove_stale_temporaries(folder: Path, pattern: str) -> None:
     """Delete the temporary folders ``.PATTERN.*`` that a killed :func:`write_checkpoint_dir` left in
     ``folder`` (each as large as a checkpoint); a previous version set aside (``.NAME.old``) is kept for
     :func:`recover_checkpoint_dir`. One process writes a run's checkpoints, so none is in use."""
-    for d in Path(folder).glob(f".{pattern}.*"):
+    for d in Path(folder).glob(f".{pattern}.*"):  # pattern: a glob ("state-*"), or a folder name escaped
         if d.is_dir() and not d.name.endswith(".old"):
             shutil.rmtree(d, ignore_errors=True)
 
@@ -87,8 +92,20 @@ def write_checkpoint_dir(path: Path, files: dict[str, dict[str, torch.Tensor] | 
     every reader of checkpoints and by the next write) puts back.
     """
     path = recover_checkpoint_dir(path)
+    here = Path.cwd().resolve()
+    if path.exists() and (path.resolve() == here or path.resolve() in here.parents):
+        raise FewstepError(f"{path} is the current folder (or holds it): a checkpoint replaces its folder, so "
+                           "write it to another folder")
+    if path.is_dir():  # only ever replace a checkpoint: a folder holding anything else is the user's
+        others = sorted(p.name for p in path.iterdir() if p.name not in files)
+        if others:
+            raise FewstepError(f"{path} holds other files than a checkpoint's ({', '.join(others[:5])}"
+                               f"{', …' if len(others) > 5 else ''}), which replacing it would delete: "
+                               "write the checkpoint to a new or empty folder")
+    elif path.exists():
+        raise FewstepError(f"{path} is a file: a checkpoint is a folder; give a folder path")
     path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(path.parent, path.name)
+    remove_stale_temporaries(path.parent, glob.escape(path.name))
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
     try:
         for name, content in files.items():

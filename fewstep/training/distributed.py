@@ -21,15 +21,15 @@ def process_device(device: torch.device) -> torch.device:
     """The device of this process: under torchrun a bare ``cuda`` means ``cuda:$LOCAL_RANK`` (one GPU
     per process, as NCCL requires), made the current device; anything else is kept."""
     try:
-        device = torch.device(device)
-    except RuntimeError:
+        device = torch.device("cpu" if device is None else device)
+    except (RuntimeError, TypeError):
         raise FewstepError(f"unknown device {str(device)!r}: use cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise FewstepError("--device cuda, but this torch has no usable GPU (a CPU build, or no GPU visible); "
-                           "use --device cpu")
-    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-    if device.type == "cuda" and device.index is not None:
+        raise FewstepError(f"device {str(device)!r} asked for, but this torch has no usable GPU (a CPU build, or "
+                           "no GPU visible); use cpu (--device cpu)")
+    if device.type == "cuda" and "LOCAL_RANK" in os.environ:  # under torchrun only: the caller's GPU is theirs
+        if device.index is None:
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
     return device
 

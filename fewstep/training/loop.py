@@ -267,7 +267,10 @@ class Trainer:
                 finished = False
         if not dist.rank0_decides(finished):
             return None
-        return json.loads(path.read_text()) if self.rank == 0 else {"nimg": self.nimg, "stop_reason": "done"}
+        if self.rank == 0:
+            return json.loads(path.read_text())
+        return {"method": self.method.name, "stop_reason": "done", "nimg": self.nimg, "kimg": self.nimg / 1000,
+                "iterations": self.iteration, "train_seconds": round(self.elapsed, 3), "final_metrics": None}
 
     def latest_state(self):
         for aside in self.run.checkpoints.glob(".state-*.old"):  # a run killed while it replaced a state
@@ -438,6 +441,7 @@ class Trainer:
         if done is not None:
             self.run.log(f"already complete at {self.nimg / 1000:.3f} kimg: nothing to train (summary.json kept)",
                          echo=True)
+            self.run.close()
             return done
         if cfg.eval_every_kimg > 0 and self.evaluator is not None:
             self.run.log(f"in-run evaluation every {cfg.eval_every_kimg:g} kimg"
