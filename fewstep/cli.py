@@ -432,6 +432,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt as e:
         saved = str(e).endswith("state saved")  # the loop stopped cleanly and saved where it was
+        if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 speaks for all
+            return 130
         print(f"fewstep: {e if saved else 'interrupted'}; re-run the same command to resume from "
               f"{'there' if saved else 'the last checkpoint'}", file=sys.stderr)
         return 130

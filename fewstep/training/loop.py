@@ -97,8 +97,9 @@ class _CtrlC:
     training state is then saved, so nothing is lost); a second press interrupts at once. Only in
     the main thread, and only where Python's own SIGINT handler is installed (a caller's is kept)."""
 
-    def __init__(self):
+    def __init__(self, speak: bool = True):
         self.pressed = False
+        self.speak = speak  # under torchrun every rank gets the signal: one of them says so
         self.armed = (threading.current_thread() is threading.main_thread()
                       and signal.getsignal(signal.SIGINT) is signal.default_int_handler)
         if self.armed:
@@ -108,8 +109,9 @@ class _CtrlC:
         if self.pressed:
             raise KeyboardInterrupt
         self.pressed = True
-        print("\nfewstep: interrupted: saving the training state after this iteration (Ctrl-C again to stop "
-              "at once)", file=sys.stderr, flush=True)
+        if self.speak:
+            print("\nfewstep: interrupted: saving the training state after this iteration (Ctrl-C again to stop "
+                  "at once)", file=sys.stderr, flush=True)
 
     def disarm(self) -> None:
         if self.armed:
@@ -473,7 +475,7 @@ class Trainer:
         iters_this_run = 0
         last_metric = None
         stop_reason = "done"
-        interrupt = _CtrlC()
+        interrupt = _CtrlC(speak=self.run.main)
         try:
             while self.nimg < total:
                 if max_iterations is not None and iters_this_run >= max_iterations:
