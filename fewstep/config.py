@@ -65,6 +65,8 @@ def _convert(tp, value, where: str):
         return int(value)
     if tp in (int, str, bool) and not isinstance(value, tp):
         raise FewstepError(f"config value {where} must be {tp.__name__}, got {value!r}")
+    if (tp is dict or origin is dict) and not isinstance(value, dict):
+        raise FewstepError(f"config value {where} must be a JSON object {{...}}, got {value!r}")
     return value
 
 

@@ -237,3 +237,22 @@ def test_step_distillation_refuses_a_cosine_grid_above_the_teachers_table():
         Progressive.create(ProgressiveConfig(start_steps=4), teacher=teacher)
     m = Progressive.create(ProgressiveConfig(start_steps=4, sigma_max=top), teacher=teacher)
     assert m.export_config()["sampling"]["sigma_max"] == pytest.approx(top)
+
+
+def test_export_keeps_learned_variance_integer_timesteps_and_the_null_class(tmp_path):
+    from fewstep.teachers.diffusers_adapter import load_diffusers_folder, save_diffusers
+
+    torch.manual_seed(0)
+    two = UNet2DModel(sample_size=8, in_channels=1, out_channels=2, block_out_channels=(8, 16), layers_per_block=1,
+                      down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                      norm_num_groups=4).eval()  # ε and the learned variance's interpolation channel
+    lv = diffusers_model(two, DDPMScheduler(variance_type="learned_range"))
+    assert lv.denoiser.model.learned_variance
+    back = load_diffusers_folder(save_diffusers(lv, tmp_path / "lv"))
+    assert back.denoiser.model.learned_variance
+    torch.testing.assert_close(back.sample(2, steps=2, seed=0).x, lv.sample(2, steps=2, seed=0).x, rtol=1e-4, atol=1e-4)
+    cond = diffusers_model(tiny_unet(num_class_embeds=4), DDPMScheduler(), quantize=True, has_null_class=True)
+    back = load_diffusers_folder(save_diffusers(cond, tmp_path / "cond"))
+    assert back.denoiser.quantize and back.denoiser.model.has_null_class and back.denoiser.num_classes == 3
+    torch.testing.assert_close(back.sample(3, steps=2, seed=0).x, cond.sample(3, steps=2, seed=0).x, rtol=1e-4,
+                               atol=1e-4)

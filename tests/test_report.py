@@ -166,3 +166,10 @@ def test_readme_results_are_generated_with_their_commands(tmp_path):
     assert mod.main(["--results", str(res), "--readme", str(readme)]) == 0 and readme.read_text() == before
     (res / "sid.json").unlink()
     assert mod.main(["--results", str(res), "--readme", str(readme), "--check"]) == 1
+
+
+def test_the_metrics_table_shows_label_accuracy_of_any_feature_net():
+    from fewstep.eval.report import _metrics_table
+
+    html = _metrics_table({"kind": "images", "fd_digits-featnet": 0.7, "label_accuracy_digits-featnet": 0.93})
+    assert "label_accuracy_digits-featnet" in html and "0.93" in html

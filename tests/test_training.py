@@ -439,3 +439,14 @@ def test_two_process_time_budget_stops_every_rank_at_the_same_iteration(tmp_path
     w0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     w1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
     assert all(torch.equal(w0[k], w1[k]) for k in w0)
+
+
+def test_teacher_config_refuses_values_that_would_fail_or_turn_nan_later():
+    from fewstep.config import from_dict
+
+    with pytest.raises(FewstepError, match=r"betas must be two Adam betas in \[0, 1\)"):
+        from_dict(TeacherConfig, {"betas": [1.5, 0.999]})
+    with pytest.raises(FewstepError, match="sigma_data must be a finite number"):
+        from_dict(TeacherConfig, {"sigma_data": float("inf")})
+    with pytest.raises(FewstepError, match="net must be a JSON object"):
+        from_dict(TeacherConfig, {"net": "unet"})

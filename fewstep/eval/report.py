@@ -108,11 +108,13 @@ def _curves(stats: list[dict], metrics: list[dict], tmp: Path) -> list[tuple[str
             if xs:
                 out.append((name, plot_curves({metric_label(key): (xs, ys)}, tmp / f"{name}.png", xlabel, ylabel,
                                               title=f"in-run evaluation: {metric_label(key)}")))
-        div = [k for k in ("precision", "recall", "mode_coverage") if any(
-            k == kk or kk.startswith(k + "_") and "inception" not in kk for r in pts for kk in r)]
+        def is_div(k, kk):  # the feature-net (or exact) diversity metric, not an Inception one
+            return k == kk or kk.startswith(k + "_") and "inception" not in kk
+
+        div = [k for k in ("precision", "recall", "mode_coverage") if any(is_div(k, kk) for r in pts for kk in r)]
         series = {}
         for k in div:
-            kk = next(kk for r in pts for kk in r if kk == k or kk.startswith(k + "_"))
+            kk = next(kk for r in pts for kk in r if is_div(k, kk))
             xs, ys = _finite([r["kimg"] for r in pts if kk in r], [r[kk] for r in pts if kk in r])
             if xs:
                 series[metric_label(kk)] = (xs, ys)
@@ -151,7 +153,8 @@ def _metrics_table(m: dict) -> str:
     if not m:
         return "<p>No evaluation yet (run with <code>--eval-n N</code> to evaluate during and after training).</p>"
     cols = [(h, k) for h, k in columns(m) if k in m]
-    extra = [(k, k) for k in ("nfe", "sampler", "n_samples", "samples_per_second", "label_accuracy") if k in m]
+    extra = [(k, k) for k in ("nfe", "sampler", "n_samples", "samples_per_second") if k in m]
+    extra += [(k, k) for k in m if k.startswith("label_accuracy")]  # label_accuracy_<feature net>
     rows = [[h, m[k]] for h, k in extra + cols]
     hist = next((k for k in m if k.startswith("class_hist_")), None) or (
         "component_hist" if "component_hist" in m else None)

@@ -257,11 +257,15 @@ def save_diffusers(model, path: str | Path) -> Path:
     a = den.alphas_cumprod
     betas = 1 - a / torch.cat([a.new_ones(1), a[:-1]])  # ᾱ_t = Π (1 − β_s)
     sched = DDPMScheduler(num_train_timesteps=int(a.numel()), trained_betas=betas.tolist(),
-                          prediction_type=den.prediction, clip_sample=False)
+                          prediction_type=den.prediction, clip_sample=False,
+                          # the UNet's extra variance channels are read (and dropped) only with this set
+                          variance_type="learned_range" if den.model.learned_variance else "fixed_small")
     path = Path(path)
     DDPMPipeline(unet=den.model.unet, scheduler=sched).save_pretrained(path)
     info = {"format": "fewstep.diffusers-export", "type": model.config.get("type"), "sampling": model.sampling,
-            "data": model.config["data"], "provenance": model.config.get("provenance", {})}
+            "data": model.config["data"], "provenance": model.config.get("provenance", {}),
+            # how fewstep calls the UNet, which no diffusers config holds
+            "adapter": {"quantize": bool(den.quantize), "has_null_class": bool(den.model.has_null_class)}}
     if model.is_generator:
         sigma = float(model.sampling.get("sigma_init", 2.5))
         x0 = {"epsilon": "sigma_init * (z - out)", "v_prediction": "input_scale * (x_t - sigma_init * out)",
@@ -324,11 +328,14 @@ def load_diffusers_folder(path: str | Path):
 
     unet = getattr(diffusers, cls_name).from_pretrained(unet_dir, use_safetensors=True, local_files_only=True,
                                                      low_cpu_mem_usage=False)
-    model = diffusers_model(unet.float().eval(), json.loads(sched.read_text()),
-                            provenance={"source": "diffusers", "path": str(Path(path))})
     exported = Path(path) / EXPORT_FILE
-    if exported.is_file():  # written by save_diffusers: the recipe (a one-step student's), data and provenance
-        info = json.loads(exported.read_text())
+    info = json.loads(exported.read_text()) if exported.is_file() else {}
+    adapter = info.get("adapter", {})
+    model = diffusers_model(unet.float().eval(), json.loads(sched.read_text()),
+                            provenance={"source": "diffusers", "path": str(Path(path))},
+                            quantize=bool(adapter.get("quantize", False)),
+                            has_null_class=bool(adapter.get("has_null_class", False)))
+    if info:  # written by save_diffusers: the recipe (a one-step student's), data and provenance
         model.config.update({k: info[k] for k in ("type", "sampling", "data") if info.get(k)})
         model.config["provenance"] = {**info.get("provenance", {}), "path": str(Path(path))}
         from ..methods.base import DataInfo

@@ -1,6 +1,7 @@
 """Teacher training: the EDM denoising loss (DESIGN §1) as a method of the shared loop."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -22,10 +23,14 @@ class TeacherConfig:
     label_dropout: float = field(default=0.1, metadata={"help": "probability of the null label (classifier-free guidance), conditional nets only"})
 
     def validate(self) -> None:
+        for k in ("lr", "lr_rampup_kimg", "p_mean", "p_std", "sigma_data"):
+            require(math.isfinite(getattr(self, k)), f"{k} must be a finite number, got {getattr(self, k)}")
         require(self.lr > 0, f"lr must be > 0, got {self.lr}")
         require(self.p_std > 0, f"p_std must be > 0, got {self.p_std}")
         require(0 <= self.label_dropout < 1, f"label_dropout must be in [0, 1), got {self.label_dropout}")
-        require(self.sigma_data > 0, "sigma_data must be > 0")
+        require(self.sigma_data > 0, f"sigma_data must be > 0, got {self.sigma_data}")
+        require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+                f"betas must be two Adam betas in [0, 1), got {list(self.betas)}")
 
 
 def drop_labels(labels: torch.Tensor | None, p: float, null_label: int) -> torch.Tensor | None:
