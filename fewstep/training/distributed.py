@@ -106,14 +106,19 @@ def all_reduce_mean(values: dict[str, float]) -> dict[str, float]:
     return dict(zip(keys, t.tolist()))
 
 
+def rank0_choice(choice: int) -> int:
+    """Rank 0's small integer ``choice`` on every rank (one broadcast for a decision with several outcomes)."""
+    if not is_distributed():
+        return choice
+    t = torch.tensor([int(choice)], dtype=torch.int32)
+    dist.broadcast(t, src=0)
+    return int(t.item())
+
+
 def rank0_decides(flag: bool) -> bool:
     """Rank 0's ``flag`` on every rank (a decision that must agree, e.g. a wall-clock stop:
     each rank's clock differs, and a rank that stops alone leaves the others waiting forever)."""
-    if not is_distributed():
-        return flag
-    t = torch.tensor([1 if flag else 0], dtype=torch.int32)
-    dist.broadcast(t, src=0)
-    return bool(t.item())
+    return bool(rank0_choice(1 if flag else 0))
 
 
 def any_rank(flag: bool) -> bool:

@@ -260,17 +260,17 @@ class Trainer:
         """The summary of a run that already reached total_kimg (the same command run again), else None."""
         path = self.run.root / "summary.json"
         total = int(round(self.cfg.total_kimg * 1000))
-        finished = False
+        old = None
         if self.nimg >= total and path.is_file():
             try:
                 old = json.loads(path.read_text())
-                finished = old.get("stop_reason") == "done" and old.get("nimg") == self.nimg
             except ValueError:
-                finished = False
+                old = None
+        finished = old is not None and old.get("stop_reason") == "done" and old.get("nimg") == self.nimg
         if not dist.rank0_decides(finished):
             return None
         if self.rank == 0:
-            return json.loads(path.read_text())
+            return old
         return {"method": self.method.name, "stop_reason": "done", "nimg": self.nimg, "kimg": self.nimg / 1000,
                 "iterations": self.iteration, "train_seconds": round(self.elapsed, 3), "final_metrics": None}
 
@@ -481,12 +481,12 @@ class Trainer:
                 if max_iterations is not None and iters_this_run >= max_iterations:
                     stop_reason = "max_iterations"
                     break
-                if interrupt.armed and dist.rank0_decides(interrupt.pressed):
-                    stop_reason = "interrupted"
-                    break
-                if cfg.max_minutes is not None and dist.rank0_decides(self.elapsed >= cfg.max_minutes * 60):
-                    stop_reason = "time budget"
-                    break
+                if interrupt.armed or cfg.max_minutes is not None:  # one decision of rank 0's per iteration
+                    stop = dist.rank0_choice(1 if interrupt.pressed else 2 if cfg.max_minutes is not None
+                                             and self.elapsed >= cfg.max_minutes * 60 else 0)
+                    if stop:
+                        stop_reason = ("interrupted", "time budget")[stop - 1]
+                        break
                 t_it = time.perf_counter()
                 m.begin_iteration(self.nimg, total)
                 batch = self._batch()
