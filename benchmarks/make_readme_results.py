@@ -310,6 +310,54 @@ def diffusers_section(d: dict) -> list[str]:
             f"digits`): the teacher folder `{d['teacher_folder']}`, the student `{d['student_checkpoint']}`.", ""]
 
 
+def cd_section(d: dict) -> list[str]:
+    """Consistency distillation beside SiD, same budget, one machine (benchmarks/cd.py)."""
+    t, cd, sid = d.get("table"), d.get("digits"), d.get("digits-sid")
+    if not (t and cd and sid):
+        return []
+    di, si = cd["distill"], sid["distill"]
+    out = ["### Consistency distillation beside SiD", "",
+            f"CD (the reference's N = 18 Karras points, Heun teacher steps and target EMA μ = 0.95; pseudo-Huber "
+            f"distance, Adam lr 4e-4, batch 128: `benchmarks/cd.py` has the trials) and SiD (the "
+            f"settings of the digits benchmark above) on the shipped digits teacher, run side by side on one "
+            f"machine, one core each, {di['train_seconds'] / 60:.3g} and {si['train_seconds'] / 60:.3g} minutes of "
+            f"training; every model scored on the same noise seeds, n = {t['n_samples']}:", "",
+            t["table"], "", _cd_reading(t, di, si)]
+    return out + [
+            f"The CD student samples in one step or, with the multistep consistency sampler, in k "
+            f"(`fewstep sample RUN --steps k`). FD curve of its one-step samples: `{t.get('curve_plot', '')}` "
+            f"(in-run, seed 0). Commands: {_code(cd['benchmark_command'])} and {_code(sid['benchmark_command'])} "
+            f"side by side, then {_code(t['benchmark_command'])}; the distillations: {_code(di['command'])} and "
+            f"{_code(si['command'])}. The CD student is committed in `{cd['student_checkpoint']}`.", ""] + cd_mixture_lines(d)
+
+
+def _cd_reading(t: dict, di: dict, si: dict) -> str:
+    """One sentence from the table's means: which student is ahead, and the images each saw."""
+    means = {label: r["fd_mean"] for label, r in t["rows"].items()}
+    cd_best = min((k for k in means if k.startswith("CD")), key=means.get)
+    sid, teacher = means["SiD"], means["teacher (Heun)"]
+    lead = "SiD's one-step student" if sid < means[cd_best] else f"CD's ({cd_best})"
+    return (f"At equal wall-clock {lead} is ahead (mean FD {_fmt(min(sid, means[cd_best]))} against "
+            f"{_fmt(max(sid, means[cd_best]))}; the teacher {_fmt(teacher)}), though CD saw {di['kimg'] / si['kimg']:.2g}× "
+            f"the images: a CD iteration is one forward-backward of the student, one forward of the target and two "
+            f"teacher evaluations, a SiD iteration three forward-backward passes. CD's best mean here is at "
+            f"{cd_best.replace('CD', '').strip(' ()') or '1 step'}.")
+
+
+def cd_mixture_lines(d: dict) -> list[str]:
+    m = d.get("mixture")
+    if not m:
+        return []
+    rows = [[label, r["nfe"], r["log_likelihood"], r["mode_coverage"], r["samples_per_second"]]
+            for label, r in m["rows"].items()]
+    di = m["distill"]
+    return [f"On the exact mixture:{m['mixture']} teacher (CD from the shipped MLP as `--init`, {di['kimg']:.0f} kimg in "
+            f"{di['train_seconds'] / 60:.3g} minutes; exact log-likelihood, n = {m['n_samples']}, noise seed "
+            f"{m['seed']}):", "",
+            _table(["model", "NFE", "log-likelihood", "modes covered", "samples/s"], rows), "",
+            f"Command: {_code(m['benchmark_command'])}; the distillation: {_code(di['command'])}.", ""]
+
+
 def bench_section(name: str, d: dict) -> list[str]:
     from fewstep.eval.tables import columns
 
@@ -352,6 +400,8 @@ def render(results: Path) -> str:
                 part = sid_section(d, results)
             elif p.name == "diffusers_teacher.json":
                 part = diffusers_section(d)
+            elif p.name == "cd.json":
+                part = cd_section(d)
             elif p.name.startswith("progressive"):
                 if p.stem == "progressive-quick" and (results / "progressive.json").is_file():
                     continue  # the smoke-test settings only when the full run is absent

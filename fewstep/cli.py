@@ -306,7 +306,8 @@ def _sampling_args(p, with_out: bool = True) -> None:
     g.add_argument("--sampler", choices=sorted(SAMPLERS) + ["one-step"], default=None,
                    help="sampler (default: the checkpoint's own recipe, e.g. heun for teachers, one-step for SiD)")
     g.add_argument("--steps", type=int, default=None, help="sampler steps (heun: NFE = 2·steps − 1)")
-    g.add_argument("--schedule", default=None, help="σ schedule: karras, vp-uniform or cosine")
+    g.add_argument("--schedule", default=None, help="σ schedule: karras, vp-uniform, cosine, exponential or "
+                   "consistency (default: the checkpoint's own recipe)")
     g.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (conditional models)")
     g.add_argument("--seed", type=int, default=0, help="seed of the noise (default 0)")
     g.add_argument("--batch-size", type=int, default=500, help="samples per forward pass")

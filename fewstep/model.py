@@ -5,6 +5,8 @@ A model checkpoint is a folder with ``model.safetensors`` and ``config.json``::
     {"format": "fewstep.model", "version": 1,
      "type": "denoiser" | "generator" | "mixture",
      "net": {...}, "precond": {"name": "edm", "sigma_data": 0.5},   # denoiser / generator
+               # a consistency model (fewstep distill cd): {"name": "consistency", "sigma_min": 0.002,
+               #  "sigma_data": 0.5, "inner": <the precond of the denoiser it wraps>}
      "mixture": {...},                                              # exact mixture teacher
      "data": {"kind": "images", "sample_shape": [1, 28, 28], "num_classes": 10, "name": "mnist5k"},
      "sampling": {"sampler": "heun", "steps": 18, "schedule": "karras"}   # how it is meant to be sampled
@@ -149,13 +151,25 @@ class FewstepModel:
 
 
 def weights_module(denoiser: nn.Module) -> nn.Module:
-    """The module whose state dict ``model.safetensors`` holds: an EDM denoiser's backbone, else itself."""
+    """The module whose state dict ``model.safetensors`` holds: an EDM denoiser's backbone, a consistency
+    model's inner denoiser's, else the module itself."""
+    from .diffusion.consistency import ConsistencyDenoiser
+
+    if isinstance(denoiser, ConsistencyDenoiser):
+        return weights_module(denoiser.inner)
     return denoiser.net if isinstance(denoiser, EDMPrecond) else denoiser
 
 
 def network_spec(denoiser: nn.Module) -> dict:
     """The ``net`` and ``precond`` entries of a model config that rebuild ``denoiser``'s network:
-    a fewstep backbone under EDM preconditioning, or a diffusers UNet on its ᾱ table."""
+    a fewstep backbone under EDM preconditioning, or a diffusers UNet on its ᾱ table (either of them
+    wrapped in a consistency model's boundary-condition scalings)."""
+    from .diffusion.consistency import ConsistencyDenoiser
+
+    if isinstance(denoiser, ConsistencyDenoiser):
+        inner = network_spec(denoiser.inner)
+        return {"net": inner["net"], "precond": {"name": "consistency", "sigma_min": denoiser.sigma_min,
+                                                 "sigma_data": denoiser.sigma_data, "inner": inner["precond"]}}
     if isinstance(denoiser, EDMPrecond):
         from .nets.build import net_config
 
@@ -210,11 +224,20 @@ def build_from_config(config: dict) -> nn.Module:
         from .nets.build import build_net
 
         precond = config.get("precond", {})
+        if precond.get("name") == "consistency":
+            from .diffusion.consistency import ConsistencyDenoiser
+
+            if not isinstance(precond.get("inner"), dict):
+                raise FewstepError("a consistency model's config needs precond.inner (the preconditioning of the "
+                                   "denoiser it wraps)")
+            inner = build_from_config({**config, "precond": precond["inner"]})
+            return ConsistencyDenoiser(inner, float(precond["sigma_min"]), float(precond.get("sigma_data", 0.5)))
         if precond.get("name", "edm") != "edm":
             from .teachers.diffusers_adapter import PRECOND_NAME, build_diffusers_denoiser
 
             if precond["name"] != PRECOND_NAME:
-                raise FewstepError(f"model config has unknown precond {precond['name']!r} (expected edm or {PRECOND_NAME})")
+                raise FewstepError(f"model config has unknown precond {precond['name']!r} (expected edm, "
+                                   f"consistency or {PRECOND_NAME})")
             return build_diffusers_denoiser(config["net"], precond)
         return EDMPrecond(build_net(config["net"]), config.get("precond", {}).get("sigma_data", 0.5))
     raise FewstepError(f"model config has unknown type {typ!r} (expected denoiser, generator or mixture)")

@@ -153,6 +153,30 @@ def test_every_method_distils_a_diffusers_teacher(pipe, tmp_path, method, extra)
     assert torch.isfinite(student.sample(3, seed=0).x).all()
 
 
+def test_consistency_distillation_of_a_diffusers_teacher_inside_its_noise_table(pipe, tmp_path, capsys):
+    lo = load_model(pipe).denoiser.sigma_min  # the table's smallest σ: the grid may not go below it
+    base = ["distill", "cd", "--teacher", str(pipe), "--data", "digits", "--total-kimg", "0.032", "--batch-size", "8",
+            *QUIET]
+    capsys.readouterr()
+    assert main(base + ["--out", str(tmp_path / "low")]) == 2
+    assert f"--sigma-min {lo:.4g}" in capsys.readouterr().err
+    assert main(base + ["--out", str(tmp_path / "cd"), "--sigma-min", f"{lo * 1.001:.6g}", "--sigma-max", "50"]) == 0
+    student = load_model(tmp_path / "cd")
+    assert student.config["precond"]["name"] == "consistency"
+    assert student.config["precond"]["inner"]["name"] == "vp-discrete"
+    x = torch.randn(3, 1, 8, 8)
+    s = torch.full((3,), student.denoiser.sigma_min)
+    with torch.no_grad():
+        assert torch.equal(student.denoiser(x, s), x)  # the boundary condition, around a diffusers UNet too
+    for steps in (1, 2):
+        res = student.sample(3, seed=0, steps=steps)
+        assert res.nfe == steps and torch.isfinite(res.x).all()
+    with pytest.raises(FewstepError, match="consistency model"):
+        from fewstep.teachers.diffusers_adapter import save_diffusers
+
+        save_diffusers(student, tmp_path / "export")
+
+
 def test_what_a_diffusers_teacher_cannot_do_is_said_up_front(pipe, tmp_path, capsys):
     def err(*args):
         capsys.readouterr()

@@ -204,8 +204,31 @@ def dpmpp_2m(denoiser: nn.Module, x: torch.Tensor, sigmas: torch.Tensor, labels=
     return SampleResult(x, model.n)
 
 
+@torch.no_grad()
+def consistency(denoiser: nn.Module, x: torch.Tensor, sigmas: torch.Tensor, labels=None, *,
+                generator: Generator = None, callback: Callable | None = None,
+                boundary_sigma: float | None = None) -> SampleResult:
+    """Multistep consistency sampling (Song et al. 2023, Algorithm 1) for a consistency model f.
+
+    x̂ = f(x, σ_i); while σ_{i+1} > 0 the next input is x̂ + √(σ_{i+1}² − σ_min²)·z with fresh z
+    (σ_min = ``boundary_sigma``, by default the model's own ``boundary_sigma``); the step to σ = 0
+    returns x̂. One step from σ_max is f(σ_max·z, σ_max). Meant for consistency models (``fewstep
+    distill cd``); on a plain denoiser it is a stochastic re-noising sampler.
+    """
+    sigmas, model = _check_sigmas(sigmas, x), _Counter(denoiser, x, labels)
+    floor = float(getattr(denoiser, "boundary_sigma", 0.0) if boundary_sigma is None else boundary_sigma)
+    for i in range(len(sigmas) - 1):
+        s, s_next = sigmas[i], sigmas[i + 1]
+        denoised = model(x, s)
+        _report(callback, x=x, i=i, sigma=s, sigma_hat=s, denoised=denoised)
+        x = denoised
+        if s_next > 0:
+            x = x + randn_like(x, generator) * (s_next**2 - floor**2).clamp(min=0).sqrt()
+    return SampleResult(x, model.n)
+
+
 SAMPLERS: dict[str, Callable[..., SampleResult]] = {
-    "euler": euler, "heun": heun, "ddim": ddim, "dpmpp-2m": dpmpp_2m,
+    "euler": euler, "heun": heun, "ddim": ddim, "dpmpp-2m": dpmpp_2m, "consistency": consistency,
 }
 
 
@@ -240,6 +263,8 @@ SCHEDULES = {
                   "('trailing' spacing: starts at t = 999, σ ≈ 157), then 0",
     "cosine": "uniform t of the cosine logSNR schedule between t(sigma_max) and t(sigma_min), then 0",
     "exponential": "uniform in log σ (= DPM-Solver's uniform-logSNR spacing) from sigma_max to sigma_min, then 0",
+    "consistency": "the first `steps` points of the (steps+1)-point Karras grid from sigma_max to sigma_min (σ_min "
+                   "itself dropped: a consistency model is the identity there), then 0",
 }
 
 
@@ -280,6 +305,13 @@ def exponential_sigmas(steps: int, sigma_min: float = 0.002, sigma_max: float = 
     return torch.cat([log_s.exp(), log_s.new_zeros(1)]).float()
 
 
+def consistency_sigmas(steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0) -> torch.Tensor:
+    """The evaluation points of a ``steps``-step consistency sampler: the (steps+1)-point Karras grid
+    from σ_max to σ_min without σ_min (where f(x, σ_min) = x), then 0. One step: [σ_max, 0]."""
+    s = karras_sigmas(steps + 1, sigma_min, sigma_max, rho, append_zero=False)
+    return torch.cat([s[:steps], s.new_zeros(1)])
+
+
 def make_sigmas(schedule: str, steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0,
                 rho: float = 7.0, *, alphas_cumprod: torch.Tensor | None = None) -> torch.Tensor:
     """A decreasing float32 σ grid of ``steps + 1`` values ending in 0.
@@ -298,6 +330,8 @@ def make_sigmas(schedule: str, steps: int, sigma_min: float = 0.002, sigma_max: 
         return cosine_sigmas(steps, sigma_min, sigma_max)
     if schedule == "exponential":
         return exponential_sigmas(steps, sigma_min, sigma_max)
+    if schedule == "consistency":
+        return consistency_sigmas(steps, sigma_min, sigma_max, rho)
     raise FewstepError(f"unknown sigma schedule {schedule!r}; choose one of {sorted(SCHEDULES)}")
 
 
@@ -380,7 +414,7 @@ def sample(denoiser: nn.Module, shape, *, sampler: str = "heun", steps: int = 18
 
 
 __all__ = [
-    "SampleResult", "randn_like", "to_d", "euler", "heun", "ddim", "dpmpp_2m", "ancestral_sigmas",
+    "SampleResult", "randn_like", "to_d", "euler", "heun", "ddim", "dpmpp_2m", "consistency", "ancestral_sigmas",
     "SAMPLERS", "get_sampler", "nfe", "SCHEDULES", "make_sigmas", "vp_uniform_sigmas",
-    "cosine_sigmas", "exponential_sigmas", "initial_noise", "sample",
+    "cosine_sigmas", "exponential_sigmas", "consistency_sigmas", "initial_noise", "sample",
 ]

@@ -69,6 +69,7 @@ from ..config import require
 from ..diffusion.denoiser import EDMPrecond, append_dims
 from ..errors import FewstepError
 from ..model import FewstepModel
+from ..training.ema import ema_step
 from .base import DataInfo, Method, Phase, initial_network
 
 PREDICTIONS = ("x", "v", "both")
@@ -435,11 +436,7 @@ class StepDistillMethod(Method):
         if self.config.ema_residual > 0 and self._total_nimg:
             starts = self.stage_starts(self._total_nimg)
             length = max(starts[self.stage + 1] - starts[self.stage], per)
-            beta = self.config.ema_residual ** (per / length)
-            for pe, p in zip(self.nets["student_ema"].parameters(), self.student.parameters()):
-                pe.lerp_(p.detach(), 1.0 - beta)
-            for be, b in zip(self.nets["student_ema"].buffers(), self.student.buffers()):
-                be.copy_(b)
+            ema_step(self.nets["student_ema"], self.student, self.config.ema_residual ** (per / length))
         if self._total_nimg is not None and nimg + per >= self._total_nimg:
             self.save_stage()  # the last stage's student, at the end of training
 

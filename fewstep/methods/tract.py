@@ -26,6 +26,7 @@ from torch import nn
 
 from ..config import require
 from ..diffusion.denoiser import append_dims
+from ..training.ema import ema_step
 from .base import register_method
 from .step_distill import (StepDistillConfig, StepDistillMethod, ddim_step, step_distill_loss, step_sigmas,
                            two_step_target)
@@ -127,11 +128,7 @@ class TRACT(StepDistillMethod):
 
     @torch.no_grad()
     def end_iteration(self, nimg: int) -> None:
-        d = self.config.self_teacher_decay
-        for pe, p in zip(self.self_teacher.parameters(), self.student.parameters()):
-            pe.lerp_(p.detach(), 1.0 - d)
-        for be, b in zip(self.self_teacher.buffers(), self.student.buffers()):
-            be.copy_(b)
+        ema_step(self.self_teacher, self.student, self.config.self_teacher_decay)
         super().end_iteration(nimg)
 
     def stage_loss(self, x0, labels):

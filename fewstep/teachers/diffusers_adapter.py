@@ -250,6 +250,12 @@ def save_diffusers(model, path: str | Path) -> Path:
     from diffusers import DDPMPipeline, DDPMScheduler
 
     den = model.denoiser
+    from ..diffusion.consistency import ConsistencyDenoiser
+
+    if isinstance(den, ConsistencyDenoiser):
+        raise FewstepError("a consistency model (fewstep distill cd) does not export to a DDPMPipeline: it is its "
+                           "network under consistency scalings (f(x, σ_min) = x), which no DDPM scheduler applies; "
+                           "it stays a fewstep checkpoint (fewstep sample / eval / load_model read it)")
     if not is_diffusers_denoiser(den):
         raise FewstepError("only models around a diffusers UNet2DModel (a diffusers teacher, or a student "
                            "distilled from one) export to diffusers format; fewstep checkpoints are "

@@ -21,6 +21,15 @@ def ema_beta(batch_images: int, halflife_kimg: float, cur_nimg: float = float("i
     return 0.5 ** (batch_images / max(halflife_nimg, 1e-8))
 
 
+@torch.no_grad()
+def ema_step(average: nn.Module, net: nn.Module, beta: float) -> None:
+    """average ← β·average + (1 − β)·net, parameter by parameter; buffers copied from ``net``."""
+    for p_avg, p in zip(average.parameters(), net.parameters()):
+        p_avg.lerp_(p.detach(), 1.0 - beta)
+    for b_avg, b in zip(average.buffers(), net.buffers()):
+        b_avg.copy_(b)
+
+
 class EMA:
     """Keeps an EMA copy of a network (parameters averaged, buffers copied)."""
 
@@ -28,9 +37,5 @@ class EMA:
         self.net = net
         self.ema = copy.deepcopy(net).eval().requires_grad_(False)
 
-    @torch.no_grad()
     def update(self, beta: float) -> None:
-        for p_ema, p in zip(self.ema.parameters(), self.net.parameters()):
-            p_ema.lerp_(p.detach(), 1.0 - beta)
-        for b_ema, b in zip(self.ema.buffers(), self.net.buffers()):
-            b_ema.copy_(b)
+        ema_step(self.ema, self.net, beta)

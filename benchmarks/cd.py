@@ -1,0 +1,150 @@
+"""Consistency distillation benchmark: a CD student against its teacher and against SiD, same budget, one machine.
+
+    FEWSTEP_THREADS=1 python benchmarks/cd.py --only digits       # 28 minutes of CD on one core
+    FEWSTEP_THREADS=1 python benchmarks/cd.py --only digits-sid   # at the same time on the other core: SiD with
+                                                                  # the settings of `sid.py --only digits`
+    python benchmarks/cd.py --only table                          # teacher, SiD and CD at noise seeds 1-3
+    python benchmarks/cd.py --only mixture                        # exact ring8 teacher: CD's log-likelihood at 1/2/4 NFE
+
+The two distillations run side by side (one core each, the same 28 minutes of training), so their
+students compare at equal wall-clock on one machine. The table scores the teacher (Heun, 35 NFE), the SiD
+student (1 NFE) and the CD student at 1, 2 and 4 NFE (multistep consistency sampling) on the same noise
+seeds and sample count. Results: benchmarks/results/cd.json (+ the CD FD curve), the CD student in
+benchmarks/results/students/cd-digits.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, ROOT, RUNS, environment, threads, write_json  # noqa: E402
+from sid import IMAGE_RUNS, SHIPPED, _distill, _eval, _pick, _ship_student  # noqa: E402
+
+DATA, N, MINUTES, SEEDS = "digits", 1000, 28.0, (1, 2, 3)
+# CD's settings: the reference's N = 18, μ = 0.95 and Heun teacher steps; batch 128 as SiD's digits run; the
+# exported EMA's half-life 5 kimg. Six-minute trials at these settings (two at a time, one core each; in-run FD at
+# n = 500, noise seed 0, at 15 / 30 / 45 kimg): L2 with Adam lr 1e-4 55.4 / 4.36 / 2.16, lr 4e-4 59.0 / 2.73 / 1.89,
+# lr 1e-3 62.3 / 2.74; pseudo-Huber (iCT) with lr 4e-4 67.9 / 2.23, 1.83 at 38 kimg. Hence lr 4e-4 and pseudo-Huber
+# (the reference's LPIPS needs weights no package ships).
+CD_OPTIONS = ("--batch-size", "128", "--lr", "4e-4", "--distance", "pseudo-huber", "--num-scales", "18",
+              "--ema-halflife-kimg", "5")
+EVAL_EVERY = 12.0
+MIXTURE, MIXTURE_INIT, MIXTURE_MINUTES, MIXTURE_N = "ring8", "8gaussians", 6.0, 20000
+# ring8 from the shipped 8gaussians MLP (the exact teacher has no weights): lr 1e-3 (1e-4 reached log-likelihood
+# -0.50 at 1 NFE after 300 kimg where 1e-3 reached -0.30; the teacher's Heun samples: -0.148 at n = 5000)
+MIXTURE_OPTIONS = ("--batch-size", "256", "--lr", "1e-3", "--ema-halflife-kimg", "20", "--snapshot-every-kimg", "200",
+                   "--checkpoint-every-kimg", "200")
+
+
+def run_cd(minutes: float) -> dict:
+    run = RUNS / "cd-digits"
+    shutil.rmtree(run, ignore_errors=True)
+    info = _distill("cd", str(SHIPPED / DATA), run, minutes, *CD_OPTIONS, eval_n=N, eval_every=EVAL_EVERY)
+    curve = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    return {"distill": info, "student_checkpoint": _ship_student(run, "cd-digits"), "curve": curve}
+
+
+def run_mixture(minutes: float) -> dict:
+    """CD on the exact ring8 teacher: exact log-likelihood and mode coverage of its 1-, 2- and 4-step samples
+    against the teacher's 35-NFE Heun samples (same n and noise seed)."""
+    run = RUNS / f"cd-mixture-{MIXTURE}"
+    shutil.rmtree(run, ignore_errors=True)
+    info = _distill("cd", f"mixture:{MIXTURE}", run, minutes, "--init", str(SHIPPED / MIXTURE_INIT), *MIXTURE_OPTIONS)
+    rows = {"teacher (exact, Heun)": _pick(_eval(f"mixture:{MIXTURE}", MIXTURE_N, sampler="heun", steps=18))}
+    for k in (1, 2, 4):
+        rows[f"CD ({k} step{'s' if k > 1 else ''})"] = _pick(_eval(run, MIXTURE_N, steps=k))
+    for label, r in rows.items():
+        print(label, r["nfe"], round(r["log_likelihood"], 4), r["mode_coverage"], flush=True)
+    return {"mixture": MIXTURE, "distill": info, "n_samples": MIXTURE_N, "seed": 1, "rows": rows}
+
+
+def run_sid(minutes: float) -> dict:
+    cfg = IMAGE_RUNS[DATA]
+    run = RUNS / "cd-bench-sid-digits"
+    shutil.rmtree(run, ignore_errors=True)
+    info = _distill("sid", str(SHIPPED / DATA), run, minutes, "--batch-size", str(cfg["batch"]), "--lr-g",
+                    cfg["lr"], "--lr-fake", cfg["lr"], *cfg["options"], eval_n=N, eval_every=cfg["eval_every"])
+    return {"distill": info, "run": str(run.relative_to(ROOT)), "settings": "benchmarks/sid.py IMAGE_RUNS['digits']"}
+
+
+def table(results: dict) -> dict:
+    cd = ROOT / results["digits"]["student_checkpoint"]
+    sid = ROOT / results["digits-sid"]["run"]
+    rows = {"teacher (Heun)": (SHIPPED / DATA, {"sampler": "heun", "steps": 18}),
+            "SiD": (sid, {}), "CD": (cd, {}), "CD (2 steps)": (cd, {"steps": 2}), "CD (4 steps)": (cd, {"steps": 4})}
+    out, key = {}, None
+    for label, (path, kw) in rows.items():
+        by_seed = {}
+        for seed in SEEDS:
+            r = _eval(path, N, seed=seed, **kw)
+            key = key or next(k for k in r if k.startswith("fd_") and "floor" not in k)
+            by_seed[str(seed)] = _pick(r)
+        fds = [by_seed[str(s)][key] for s in SEEDS]
+        out[label] = {"nfe": by_seed["1"]["nfe"], "by_seed": by_seed, "fd_mean": sum(fds) / len(fds),
+                      "samples_per_second_seed1": by_seed["1"]["samples_per_second"]}
+        print(label, [round(v, 4) for v in fds], flush=True)
+    lines = [f"| model | NFE | kimg | s per iteration | {key} (n = {N}) seeds {', '.join(map(str, SEEDS))} | mean |",
+             "|---|---|---|---|---|---|"]
+    for label, r in out.items():
+        d = (results["digits"] if label.startswith("CD") else results["digits-sid"] if label == "SiD" else {})
+        d = d.get("distill", {})
+        lines.append(f"| {label} | {r['nfe']} | {d.get('kimg', '–') if not d else round(d['kimg'])} | "
+                     f"{d.get('sec_per_iter', '–') if not d else round(d['sec_per_iter'], 2)} | "
+                     + " / ".join(f"{r['by_seed'][str(s)][key]:.3f}" for s in SEEDS) + f" | {r['fd_mean']:.3f} |")
+    return {"fd_key": key, "n_samples": N, "seeds": list(SEEDS), "rows": out, "table": "\n".join(lines)}
+
+
+def plot(results: dict) -> str:
+    from fewstep.eval.plots import plot_curves
+
+    curve = results["digits"]["curve"]
+    key = next(k for k in curve[0] if k.startswith("fd_") and "floor" not in k)
+    teacher = _eval(SHIPPED / DATA, N, seed=0, sampler="heun", steps=18)
+    xs = [r["kimg"] for r in curve]
+    path = RESULTS / "cd_digits_fd_curve.png"
+    plot_curves({"CD student (1 NFE, EMA)": (xs, [r[key] for r in curve]),
+                 "teacher Heun (35 NFE)": (xs, [teacher[key]] * len(xs))},
+                path, xlabel="images seen (kimg)", ylabel=f"FD ({key[3:]}, n={N}, seed 0)", logy=True,
+                title="consistency distillation on digits: FD vs images seen")
+    return str(path.relative_to(ROOT))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", nargs="*", default=["digits", "table"], choices=["digits", "digits-sid", "table", "mixture"])
+    ap.add_argument("--minutes", type=float, default=None, help=f"override the training budget (digits: {MINUTES:g}, "
+                    f"mixture: {MIXTURE_MINUTES:g})")
+    args = ap.parse_args()
+    import torch
+
+    torch.set_num_threads(threads())
+    path = RESULTS / "cd.json"
+    for part in args.only:
+        t0 = time.time()
+        if part == "digits":
+            res = run_cd(args.minutes or MINUTES)
+        elif part == "digits-sid":
+            res = run_sid(args.minutes or MINUTES)
+        elif part == "mixture":
+            res = run_mixture(args.minutes or MIXTURE_MINUTES)
+        else:
+            results = json.loads(path.read_text())
+            res = table(results)
+            res["curve_plot"] = plot(results)
+        results = json.loads(path.read_text()) if path.is_file() else {}  # merge: the other part may have run
+        cmd = (f"FEWSTEP_THREADS={threads()} " if threads() != 2 else "") + f"python benchmarks/cd.py --only {part}" \
+            + (f" --minutes {args.minutes:g}" if args.minutes else "")
+        results[part] = {**res, "benchmark_command": cmd, "environment": environment()}
+        write_json("cd.json", results)
+        if part == "table":
+            print(res["table"], flush=True)
+        print(f"{part}: {time.time() - t0:.0f}s", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,246 @@
+"""Consistency distillation (Song, Dhariwal, Chen & Sutskever, ICML 2023), DESIGN §3.
+
+A consistency model f_θ(x, σ) maps every point of a probability-flow ODE trajectory to the
+trajectory's end at σ_min, with f_θ(x, σ_min) = x built into its parameterisation
+(:mod:`fewstep.diffusion.consistency`). Distillation makes f_θ agree with itself across one
+step of the *teacher's* ODE solver, as the reference (openai/consistency_models,
+``consistency_losses``) does:
+
+    σ_0 > σ_1 > … > σ_{N−1}: the N-point Karras grid from σ_max to σ_min (ρ = 7)
+    n ~ U{0, …, N−2},  x_n = x + σ_n·z                       (x from the data)
+    x̂_{n+1} = one Heun step of the teacher's ODE from σ_n to σ_{n+1}
+    loss = λ·d(f_θ(x_n, σ_n), f_θ⁻(x̂_{n+1}, σ_{n+1})),   λ = 1
+
+where θ⁻ is the *target network*, an EMA of θ updated after every step with
+θ⁻ ← μ·θ⁻ + (1 − μ)·θ (μ = 0.95 for CD), and d is iCT's pseudo-Huber √(‖·‖² + c²) − c
+with c = 0.00054·√d (the default), the squared L2 distance (the reference's ``l2``, a mean
+over dimensions) or L1; the reference's LPIPS needs network weights no package ships. The target is evaluated with the dropout masks the online network drew
+(the reference restores the RNG state before the target's pass). Student and target start
+from the teacher's weights; the loop's EMA of the student (the reference's 0.9999 rate) is
+what is exported and sampled: one step f(σ_max·z, σ_max), or k steps of the multistep
+consistency sampler (``fewstep sample RUN --steps k``).
+
+Cost per iteration: one forward-backward of the student, one forward of the target and two
+teacher evaluations (Heun).
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..config import require
+from ..diffusion.consistency import ConsistencyDenoiser
+from ..diffusion.denoiser import SIGMA_DATA, EDMPrecond, append_dims, karras_sigmas
+from ..errors import FewstepError
+from ..model import FewstepModel
+from ..training.ema import ema_step
+from .base import DataInfo, Method, Phase, initial_network, register_method
+
+SOLVERS = ("heun", "euler")
+DISTANCES = ("l2", "l1", "pseudo-huber")
+
+
+# ---------------------------------------------------------------------------
+# pure mathematics
+# ---------------------------------------------------------------------------
+
+def cd_sigmas(num_scales: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
+              device=None) -> torch.Tensor:
+    """The N discretisation points σ_0 = σ_max > … > σ_{N−1} = σ_min (Karras grid, no trailing 0)."""
+    if int(num_scales) != num_scales or num_scales < 2:
+        raise FewstepError(f"num_scales must be an integer >= 2, got {num_scales!r}")
+    return karras_sigmas(int(num_scales), sigma_min, sigma_max, rho, device=device, append_zero=False)
+
+
+@torch.no_grad()
+def teacher_ode_step(teacher: nn.Module, x: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor,
+                     labels=None, solver: str = "heun") -> torch.Tensor:
+    """One step of the teacher's probability-flow ODE dx/dσ = (x − D(x, σ))/σ from σ to σ' (per-sample ``[N]``).
+
+    Euler: x' = x + (σ' − σ)·d. Heun (EDM's Algorithm 1, σ' > 0): x' = x + (σ' − σ)·(d + d')/2 with d' the
+    derivative at the Euler point — the reference's ``heun_solver``.
+    """
+    nd = x.ndim
+    s, s_next = append_dims(sigma, nd), append_dims(sigma_next, nd)
+    d = (x - teacher(x, sigma, labels).to(x.dtype)) / s
+    x_euler = x + (s_next - s) * d
+    if solver == "euler":
+        return x_euler
+    if solver != "heun":
+        raise FewstepError(f"unknown solver {solver!r}; choose one of {SOLVERS}")
+    d_next = (x_euler - teacher(x_euler, sigma_next, labels).to(x.dtype)) / s_next
+    return x + (s_next - s) * (d + d_next) / 2
+
+
+def pseudo_huber_c(sample_shape) -> float:
+    """iCT's constant c = 0.00054·√d for data of ``d`` dimensions."""
+    return 0.00054 * math.sqrt(math.prod(int(v) for v in sample_shape))
+
+
+def consistency_distance(a: torch.Tensor, b: torch.Tensor, distance: str = "l2", huber_c: float | None = None):
+    """Per-sample d(a, b): ``l2`` mean squared difference, ``l1`` mean absolute difference,
+    ``pseudo-huber`` √(‖a − b‖² + c²) − c (c: :func:`pseudo_huber_c` unless given)."""
+    diff = (a - b).flatten(1)
+    if distance == "l2":
+        return diff.pow(2).mean(1)
+    if distance == "l1":
+        return diff.abs().mean(1)
+    if distance == "pseudo-huber":
+        c = pseudo_huber_c(a.shape[1:]) if not huber_c else float(huber_c)
+        return (diff.pow(2).sum(1) + c * c).sqrt() - c
+    raise FewstepError(f"unknown distance {distance!r}; choose one of {DISTANCES}")
+
+
+def consistency_distillation_loss(student: nn.Module, target: nn.Module, teacher: nn.Module, x0: torch.Tensor,
+                                  sigmas: torch.Tensor, labels=None, *, solver: str = "heun",
+                                  distance: str = "l2", huber_c: float | None = None,
+                                  index: torch.Tensor | None = None, noise: torch.Tensor | None = None):
+    """Per-sample CD loss d(f_θ(x_n, σ_n), f_θ⁻(x̂_{n+1}, σ_{n+1})) (a pure function).
+
+    ``sigmas`` is the descending grid of :func:`cd_sigmas`; the position ``index`` ∈ {0..N−2} and
+    the ``noise`` are drawn unless given. The target's pass re-uses the student's dropout masks
+    (the global RNG state is rewound to where the student's pass started). Gradients reach only
+    ``student``. Returns ``(per_sample_loss [B], info)``.
+    """
+    n = x0.shape[0]
+    sigmas = sigmas.to(device=x0.device, dtype=x0.dtype)
+    if index is None:
+        index = torch.randint(0, sigmas.numel() - 1, (n,), device=x0.device)
+    if noise is None:
+        noise = torch.randn_like(x0)
+    sigma, sigma_next = sigmas[index], sigmas[index + 1]
+    x = x0 + append_dims(sigma, x0.ndim) * noise
+    cpu_state = torch.get_rng_state()
+    cuda_state = torch.cuda.get_rng_state(x0.device) if x0.is_cuda else None
+    f = student(x, sigma, labels)
+    x_next = teacher_ode_step(teacher, x, sigma, sigma_next, labels, solver)
+    torch.set_rng_state(cpu_state)
+    if cuda_state is not None:
+        torch.cuda.set_rng_state(cuda_state, x0.device)
+    with torch.no_grad():
+        f_target = target(x_next, sigma_next, labels).to(f.dtype)
+    per = consistency_distance(f.float(), f_target.float(), distance, huber_c)
+    return per, {"f": f, "f_target": f_target, "x": x, "x_next": x_next, "sigma": sigma, "sigma_next": sigma_next}
+
+
+# ---------------------------------------------------------------------------
+# the method
+# ---------------------------------------------------------------------------
+
+@dataclass
+class CDConfig:
+    num_scales: int = field(default=18, metadata={"help": "N, points of the Karras grid the teacher steps between (reference CIFAR-10 CD: 18)"})
+    sigma_min: float = field(default=0.002, metadata={"help": "σ_min, where the consistency model is the identity (the grid's last point)"})
+    sigma_max: float = field(default=80.0, metadata={"help": "σ_max, the grid's first point and where one-step sampling starts"})
+    rho: float = field(default=7.0, metadata={"help": "ρ of the Karras grid"})
+    solver: str = field(default="heun", metadata={"help": "the teacher's ODE step: heun (reference CD, 2 teacher evaluations) or euler (1)"})
+    distance: str = field(default="pseudo-huber", metadata={"help": "d(·,·): pseudo-huber (iCT, c = 0.00054·√dim; ahead of l2 in digits trials), l2 (mean squared: the reference's option besides LPIPS, which needs weights no package ships) or l1"})
+    huber_c: float = field(default=0.0, metadata={"help": "pseudo-Huber c (0 = 0.00054·√dim)"})
+    target_decay: float = field(default=0.95, metadata={"help": "μ of the target network θ⁻ ← μθ⁻ + (1−μ)θ, per iteration (reference CD: 0.95)"})
+    lr: float = field(default=4e-4, metadata={"help": "Adam learning rate (reference: 4e-4 at batch 512 on CIFAR-10; on digits at batch 128 it was ahead of 1e-4 and 1e-3)"})
+    betas: tuple[float, float] = field(default=(0.9, 0.999), metadata={"help": "Adam betas"})
+    sample_steps: int = field(default=1, metadata={"help": "steps of the exported student's own sampling recipe (multistep consistency sampling; any count can be asked for at sampling time)"})
+
+    def validate(self) -> None:
+        require(int(self.num_scales) == self.num_scales and self.num_scales >= 2,
+                f"num_scales must be an integer >= 2, got {self.num_scales}")
+        require(0 < self.sigma_min < self.sigma_max, f"need 0 < sigma_min < sigma_max, got {self.sigma_min}, {self.sigma_max}")
+        require(math.isfinite(self.sigma_max), f"sigma_max must be finite, got {self.sigma_max}")
+        require(self.rho > 0, f"rho must be > 0, got {self.rho}")
+        require(self.solver in SOLVERS, f"solver must be one of {SOLVERS}, got {self.solver!r}")
+        require(self.distance in DISTANCES, f"distance must be one of {DISTANCES}, got {self.distance!r}")
+        require(self.huber_c >= 0, f"huber_c must be >= 0, got {self.huber_c}")
+        require(0 <= self.target_decay < 1, f"target_decay must be in [0, 1), got {self.target_decay}")
+        require(self.lr > 0 and math.isfinite(self.lr), f"lr must be a positive number, got {self.lr}")
+        require(all(0 <= b < 1 for b in self.betas), f"betas must lie in [0, 1), got {self.betas}")
+        require(self.sample_steps >= 1, f"sample_steps must be >= 1, got {self.sample_steps}")
+
+
+@register_method
+class ConsistencyDistillation(Method):
+    """Consistency distillation (Song et al. 2023): a one- or few-step consistency model.
+
+    The student f_θ is the teacher's network under the boundary-condition scalings (f(x, σ_min) = x);
+    each iteration noises a data batch to a random grid point σ_n, takes one teacher ODE step to
+    σ_{n+1} and pulls f_θ(x_n, σ_n) towards the target network's f_θ⁻ there. Needs training data
+    (--data, default: the teacher's). The exported student samples in one step, or in k with the
+    multistep consistency sampler (`fewstep sample RUN --steps k`).
+    """
+
+    name = "cd"
+    Config = CDConfig
+    uses_data = True
+    summary = "consistency distillation: a consistency model trained across single teacher ODE steps (Song et al. 2023)"
+    train_defaults = {"ema_halflife_kimg": 5.0}
+
+    def __init__(self, config: CDConfig, teacher: nn.Module, student: ConsistencyDenoiser, data_info: DataInfo):
+        super().__init__(config)
+        self.teacher = teacher
+        self.student = student.train().requires_grad_(True)
+        # the target network: never optimised, in train mode like the reference's (same dropout masks)
+        self.target = copy.deepcopy(student).train().requires_grad_(False)
+        self.nets = {"student": self.student, "target": self.target}
+        self.frozen = {"teacher": teacher}
+        self.ema_net = "student"
+        self.data_info = data_info
+
+    @classmethod
+    def create(cls, config: CDConfig, *, teacher: FewstepModel, dataset=None, init: FewstepModel | None = None):
+        """Student and target start from the teacher's network (or ``init``'s) under consistency scalings."""
+        den = teacher.denoiser
+        lo, hi = getattr(den, "sigma_min", None), getattr(den, "sigma_max", None)  # a discrete ᾱ table's range
+        if isinstance(lo, (int, float)) and config.sigma_min < lo * (1 - 1e-6):
+            raise FewstepError(f"this teacher's noise table starts at σ = {lo:.4g}, but the grid ends at sigma_min = "
+                               f"{config.sigma_min:g}, where the teacher would be evaluated out of its range: pass "
+                               f"--sigma-min {lo:.4g} (or higher)")
+        if isinstance(hi, (int, float)) and config.sigma_max > hi * (1 + 1e-6):
+            raise FewstepError(f"this teacher's noise table ends at σ = {hi:.4g}, but the grid starts at sigma_max = "
+                               f"{config.sigma_max:g}: pass --sigma-max {hi:.4g} (or lower)")
+        inner = initial_network(cls.name, teacher, init)
+        sigma_data = inner.sigma_data if isinstance(inner, EDMPrecond) else SIGMA_DATA
+        student = ConsistencyDenoiser(inner, config.sigma_min, sigma_data)
+        info = DataInfo(**{**teacher.data_info.__dict__})
+        if init is not None:
+            info.num_classes = min(teacher.data_info.num_classes, init.data_info.num_classes)
+        return cls(config, den, student, info)
+
+    def build_optimizers(self):
+        c = self.config
+        return {"student": torch.optim.Adam(self.student.parameters(), lr=c.lr, betas=tuple(c.betas))}
+
+    def phases(self):
+        return [Phase("student", "student", self.loss)]
+
+    def loss(self, batch):
+        x0, labels = batch
+        if self.data_info.num_classes == 0:
+            labels = None
+        c = self.config
+        sigmas = cd_sigmas(c.num_scales, c.sigma_min, c.sigma_max, c.rho, device=x0.device)
+        per, info = consistency_distillation_loss(self.student, self.target, self.teacher, x0, sigmas, labels,
+                                                  solver=c.solver, distance=c.distance, huber_c=c.huber_c or None)
+        return per.mean(), {"sigma_mean": float(info["sigma"].mean())}
+
+    @torch.no_grad()
+    def end_iteration(self, nimg: int) -> None:
+        """θ⁻ ← μ·θ⁻ + (1 − μ)·θ (after the optimiser step)."""
+        ema_step(self.target, self.student, self.config.target_decay)
+
+    def export_config(self) -> dict:
+        from ..model import network_spec
+
+        c = self.config
+        return {"format": "fewstep.model", "version": 1, "type": "denoiser", **network_spec(self.student),
+                "data": self.data_info.to_dict(),
+                "sampling": {"sampler": "consistency", "steps": int(c.sample_steps), "schedule": "consistency",
+                             "sigma_min": float(c.sigma_min), "sigma_max": float(c.sigma_max), "rho": float(c.rho)},
+                "provenance": {"method": self.name, "num_scales": int(c.num_scales), "solver": c.solver,
+                               "distance": c.distance}}
+
+
+__all__ = ["SOLVERS", "DISTANCES", "cd_sigmas", "teacher_ode_step", "pseudo_huber_c", "consistency_distance",
+           "consistency_distillation_loss", "CDConfig", "ConsistencyDistillation"]
