@@ -380,10 +380,13 @@ def run_method(name: str, cls, cfg: BenchConfig, data: str, out: Path) -> dict:
         for suffix, folder in _students(run_dir):
             student = load_model(folder, device=cfg.device)
             _log(f"{name}: evaluating {folder.relative_to(out) if folder.is_relative_to(out) else folder}")
-            r = evaluate(student, cfg, data)
-            rows.append({"model": name, "method": name, "label": f"{name} ({suffix})" if suffix else name,
-                         "checkpoint": str(folder), "train_kimg": summary["kimg"],
-                         "train_seconds": summary["train_seconds"], "stop_reason": summary["stop_reason"], **r})
+            # its own recipe, then any further step counts the method samples at (a consistency model: k steps)
+            for steps in (None, *getattr(cls, "bench_steps", ())):
+                r = evaluate(student, cfg, data, steps=steps)
+                label = (f"{name} ({suffix})" if suffix else name) + (f" ({steps} steps)" if steps else "")
+                rows.append({"model": name, "method": name, "label": label,
+                             "checkpoint": str(folder), "train_kimg": summary["kimg"],
+                             "train_seconds": summary["train_seconds"], "stop_reason": summary["stop_reason"], **r})
     except Exception as e:  # noqa: BLE001 - the trained run stays; its evaluation failure is reported
         entry.update(status="failed", reason="evaluation: " + _reason(e))
         _log(f"{name}: evaluation failed ({entry['reason']})")

@@ -22,7 +22,7 @@ def teacher(tmp_path_factory):
 
 def test_two_methods_end_to_end_write_every_file(teacher, tmp_path, capsys):
     out = tmp_path / "bench"
-    assert main(["bench", "--teacher", str(teacher), "--methods", "sid,progressive,not-a-method",
+    assert main(["bench", "--teacher", str(teacher), "--methods", "sid,progressive,cd,not-a-method",
                  "--budget-kimg", "0.32", "--out", str(out), "--curve-points", "2", "--eval-max-share", "1",
                  "--set", "progressive.start_steps=4", "--set", "progressive.lr=1e-3", *SMALL]) == 0
     for f in ("results.json", "results.md", "report.html", "metric_vs_time.png", "metric_vs_kimg.png", "metric_vs_nfe.png",
@@ -30,21 +30,23 @@ def test_two_methods_end_to_end_write_every_file(teacher, tmp_path, capsys):
         assert (out / f).exists(), f
     res = json.loads((out / "results.json").read_text())
     assert res["format"] == "fewstep.bench" and res["meta"]["command"].startswith("fewstep bench")
-    assert set(res["methods"]) == {"sid", "progressive"} and "not-a-method" in res["absent"]
+    assert set(res["methods"]) == {"sid", "progressive", "cd"} and "not-a-method" in res["absent"]
     assert all(m["status"] == "ok" for m in res["methods"].values())
     # the same budget and seed for every method, the same sample count and noise seed for every row
     assert {m["train_config"]["seed"] for m in res["methods"].values()} == {0}
     assert all(m["train"]["kimg"] >= 0.32 for m in res["methods"].values())
     assert {r["n_samples"] for r in res["rows"]} == {100} and {r["seed"] for r in res["rows"]} == {1}
-    # students at their own NFE: SiD one step, progressive every stage (2 and 1 steps)
+    # students at their own NFE: SiD one step, progressive every stage (2 and 1 steps), the consistency model
+    # at its own 1 step and at 2 and 4 steps of the multistep sampler
     nfe = {(r["model"], r["nfe"]) for r in res["rows"]}
-    assert {("sid", 1), ("progressive", 2), ("progressive", 1), ("teacher", 3), ("teacher", 35)} <= nfe
+    assert {("sid", 1), ("progressive", 2), ("progressive", 1), ("teacher", 3), ("teacher", 35), ("cd", 1), ("cd", 2),
+            ("cd", 4)} <= nfe
     assert res["methods"]["progressive"]["method_config"]["start_steps"] == 4
     assert len(res["methods"]["sid"]["curve"]) >= 2  # in-run evaluations: the curves' points
     md = (out / "results.md").read_text()
     for col in ("log-lik", "precision", "recall", "mode coverage", "NFE", "train kimg", "**not-a-method** (absent)"):
         assert col in md, col
-    assert "progressive (1 step)" in md
+    assert "progressive (1 step)" in md and "cd (4 steps)" in md
     assert "| sid | one-step |" in capsys.readouterr().out  # the table is printed too
 
 

@@ -176,6 +176,7 @@ class ConsistencyDistillation(Method):
     uses_data = True
     summary = "consistency distillation: a consistency model trained across single teacher ODE steps (Song et al. 2023)"
     train_defaults = {"ema_halflife_kimg": 5.0}
+    bench_steps = (2, 4)  # `fewstep bench` also scores the student with 2 and 4 steps of the multistep sampler
 
     def __init__(self, config: CDConfig, teacher: nn.Module, student: ConsistencyDenoiser, data_info: DataInfo):
         super().__init__(config)
