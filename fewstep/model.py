@@ -127,6 +127,10 @@ class FewstepModel:
         if guidance is not None and guidance != 1.0:
             if k <= 0:
                 raise FewstepError("guidance needs a class-conditional model; this one is unconditional")
+            if self.config.get("precond", {}).get("name") == "consistency":
+                raise FewstepError("guidance mixes a model's labelled and unlabelled predictions, but consistency "
+                                   "distillation trains only the labelled one (its null class is the teacher's "
+                                   "untouched): sample the consistency model without --guidance")
             den = CFGDenoiser(den, guidance, null_label=k)
         shape = (n,) + tuple(self.data_info.sample_shape)
         per_call = getattr(den, "evaluations_per_call", 1)

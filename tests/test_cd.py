@@ -25,7 +25,11 @@ from step_helpers import NET, init_model, train_config
 
 
 def _edm(seed=0, dropout=0.0):
+    """A small EDM denoiser with random weights everywhere (a fresh network's last layers start at zero)."""
     net = build_net({**NET, "dropout": dropout} if dropout else NET, seed=seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel() + seed)))
     return EDMPrecond(net).double()
 
 
@@ -47,7 +51,9 @@ def test_boundary_condition_holds_exactly_and_far_from_it_f_is_the_edm_form():
     _, _, c_in_edm, c_noise = edm_scalings(sigma, 0.5)
     torch.testing.assert_close(c_in, c_in_edm)
     with torch.no_grad():
-        direct = c_skip[:, None] * x + c_out[:, None] * inner.net(c_in[:, None] * x, c_noise, None)
+        F = inner.net(c_in[:, None] * x, c_noise, None)
+        assert F.abs().min() > 1e-3  # the backbone's output is not zero, so c_out is tested
+        direct = c_skip[:, None] * x + c_out[:, None] * F
         torch.testing.assert_close(f(x, sigma), direct, rtol=1e-9, atol=1e-12)
         # at large σ the consistency model is the teacher's denoiser (c_skip, c_out → EDM's)
         big = torch.full((16,), 80.0, dtype=torch.float64)
@@ -212,6 +218,18 @@ def test_target_shares_the_students_dropout_masks_and_gets_no_gradient():
     per.mean().backward()
     assert all(p.grad is not None for p in student.parameters())
     assert all(p.grad is None for p in target.parameters())
+    # the target's pass is a constant even when the target *is* the student (target_decay 0): the same
+    # gradient as against a detached copy
+    student.eval()
+    g = torch.Generator().manual_seed(4)
+    idx, noise = torch.randint(0, 7, (64,), generator=g), torch.randn(64, 2, generator=g)
+    grads = []
+    for tgt in (student, copy.deepcopy(student)):
+        student.zero_grad()
+        consistency_distillation_loss(student, tgt, Still(), x0, cd_sigmas(8), index=idx, noise=noise)[0].mean().backward()
+        grads.append([p.grad.clone() for p in student.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_the_target_network_is_the_mu_ema_of_the_student_and_a_run_resumes_exactly(tmp_path):
@@ -269,13 +287,26 @@ def test_multistep_consistency_sampler():
     one = sample(m, (6, 2), sampler="consistency", steps=1, schedule="consistency", seed=3)
     assert one.nfe == 1 and m.calls == [80.0]
     torch.testing.assert_close(one.x, f(80.0 * z.double(), torch.tensor(80.0)).float())  # one step: f(σ_max·z, σ_max), the teacher's z
+    # the re-noising to σ₁ adds exactly √(σ₁² − σ_min²) of each sample's next noise draw: with f = identity and a
+    # large σ_min (1.0) the two-step output is σ₀·z₀ + √(σ₁² − 1)·z₁, z₀, z₁ the per-sample streams' first two draws
+    from fewstep.diffusion.samplers import _per_sample_seeds, randn_like
+
+    class Identity(nn.Module):
+        boundary_sigma = 1.0
+
+        def forward(self, x, sigma, labels=None):
+            return x
+
+    gens = [torch.Generator().manual_seed(s) for s in _per_sample_seeds(5, 6)]
+    z0, z1 = randn_like(torch.empty(6, 2), gens), randn_like(torch.empty(6, 2), gens)
+    s1 = float(consistency_sigmas(2)[1])
+    torch.testing.assert_close(sample(Identity(), (6, 2), sampler="consistency", steps=2, schedule="consistency",
+                                      seed=5).x, 80.0 * z0 + (s1**2 - 1.0) ** 0.5 * z1)
     m.calls.clear()
     two = sample(m, (4000, 2), sampler="consistency", steps=2, schedule="consistency", seed=3)
     mid = float(consistency_sigmas(2)[1])
     assert two.nfe == 2 and m.calls == pytest.approx([80.0, mid])
-    # the second input is f(x, 80) + √(σ₁² − σ_min²)·z, which f* maps back to the data's variance
-    # 0.01 + σ_min² (re-noising with σ₁ in place of √(σ₁² − σ_min²) would not change it measurably either,
-    # but no re-noising (x = f(x, 80)) or noise at σ₁² + 1 would)
+    # the second input is f(x, 80) + √(σ₁² − σ_min²)·z, which f* maps back to the data's variance 0.01 + σ_min²
     assert float(two.x.var(0).mean()) == pytest.approx(0.01, rel=0.1)
 
 
@@ -299,6 +330,27 @@ def test_cli_cd_then_sample_in_one_and_two_steps_and_bad_options(tmp_path, capsy
         assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["nfe"] == steps
     run_cfg = json.loads((tmp_path / "cd" / "config.json").read_text())
     assert run_cfg["method"] == "cd" and run_cfg["method_config"]["num_scales"] == 12
+    # a grid of its own: the student samples on it (the recipe carries sigma_min, sigma_max and rho)
+    assert cli_main(["distill", "cd", "--out", str(tmp_path / "cd2"), "--sigma-min", "0.01", "--sigma-max", "20",
+                     "--rho", "5", *common]) == 0
+    student = load_model(tmp_path / "cd2")
+    assert student.denoiser.sigma_min == 0.01
+    seen = []
+    student.denoiser.register_forward_pre_hook(lambda mod, args: seen.append(float(args[1][0])))
+    student.sample(4, steps=3, seed=0)
+    assert seen == pytest.approx(consistency_sigmas(3, 0.01, 20.0, 5.0)[:-1].tolist())
+    # guidance would mix in the null class, which CD never trains
+    with pytest.raises(FewstepError, match="without --guidance"):
+        cond = load_model("shipped:digits")
+        cond.config = {**cond.config, "precond": {"name": "consistency"}}
+        cond.data_info.num_classes = 10
+        cond.sample(2, guidance=2.0)
+    # bf16 with pseudo-Huber is warned about
+    lines = []
+    m = ConsistencyDistillation.create(CDConfig(), teacher=teacher, init=init)
+    m.log = lambda msg, echo=False: lines.append((msg, echo))
+    m.check_training(train_config(precision="bf16"))
+    assert len(lines) == 1 and "bf16" in lines[0][0] and lines[0][1]
     with pytest.raises(FewstepError, match="num_scales"):
         CDConfig(num_scales=1).validate()
     with pytest.raises(FewstepError, match="sigma_min"):

@@ -159,8 +159,12 @@ def test_consistency_distillation_of_a_diffusers_teacher_inside_its_noise_table(
             *QUIET]
     capsys.readouterr()
     assert main(base + ["--out", str(tmp_path / "low")]) == 2
-    assert f"--sigma-min {lo:.4g}" in capsys.readouterr().err
-    assert main(base + ["--out", str(tmp_path / "cd"), "--sigma-min", f"{lo * 1.001:.6g}", "--sigma-max", "50"]) == 0
+    err = capsys.readouterr().err
+    suggested = err.split("--sigma-min ")[1].split()[0]  # the value the message suggests is accepted as printed
+    assert float(suggested) == pytest.approx(lo, rel=1e-6)
+    assert main(base + ["--out", str(tmp_path / "high"), "--sigma-min", suggested, "--sigma-max", "1e6"]) == 2
+    high = capsys.readouterr().err.split("--sigma-max ")[1].split()[0]
+    assert main(base + ["--out", str(tmp_path / "cd"), "--sigma-min", suggested, "--sigma-max", high]) == 0
     student = load_model(tmp_path / "cd")
     assert student.config["precond"]["name"] == "consistency"
     assert student.config["precond"]["inner"]["name"] == "vp-discrete"

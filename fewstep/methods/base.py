@@ -121,7 +121,7 @@ class Method(abc.ABC):
         self.device = torch.device("cpu")
         self.batch_size = 64  # images per iteration and process; the loop sets it from its config
         self.run_dir = None  # the run folder (a Path); the loop sets it before training
-        self.log = lambda message: None  # a line for the run's log.txt; the loop sets it before training
+        self.log = lambda message, echo=False: None  # a line for the run's log.txt (echo: also on stderr); the loop sets it
 
     # ---- set-up -------------------------------------------------------------------------
     def to(self, device: torch.device) -> "Method":

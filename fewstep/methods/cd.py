@@ -16,8 +16,8 @@ where θ⁻ is the *target network*, an EMA of θ updated after every step with
 with c = 0.00054·√d (the default), the squared L2 distance (the reference's ``l2``, a mean
 over dimensions) or L1; the reference's LPIPS needs network weights no package ships. The target is evaluated with the dropout masks the online network drew
 (the reference restores the RNG state before the target's pass). Student and target start
-from the teacher's weights; the loop's EMA of the student (the reference's 0.9999 rate) is
-what is exported and sampled: one step f(σ_max·z, σ_max), or k steps of the multistep
+from the teacher's weights; the loop's EMA of the student (as the reference's EMA rates, but with a
+half-life of kimg sized for short runs: 5 by default) is what is exported and sampled: one step f(σ_max·z, σ_max), or k steps of the multistep
 consistency sampler (``fewstep sample RUN --steps k``).
 
 Cost per iteration: one forward-backward of the student, one forward of the target and two
@@ -114,6 +114,9 @@ def consistency_distillation_loss(student: nn.Module, target: nn.Module, teacher
         noise = torch.randn_like(x0)
     sigma, sigma_next = sigmas[index], sigmas[index + 1]
     x = x0 + append_dims(sigma, x0.ndim) * noise
+    if x0.device.type not in ("cpu", "cuda"):
+        raise FewstepError(f"consistency distillation shares the student's dropout masks with the target by rewinding "
+                           f"the CPU and CUDA random streams; it runs on cpu or cuda, not {x0.device.type}")
     cpu_state = torch.get_rng_state()
     cuda_state = torch.cuda.get_rng_state(x0.device) if x0.is_cuda else None
     f = student(x, sigma, labels)
@@ -194,13 +197,14 @@ class ConsistencyDistillation(Method):
         """Student and target start from the teacher's network (or ``init``'s) under consistency scalings."""
         den = teacher.denoiser
         lo, hi = getattr(den, "sigma_min", None), getattr(den, "sigma_max", None)  # a discrete ᾱ table's range
+        # the suggested values are printed to 7 significant digits (≤ 5e-7 relative), inside the 1e-6 tolerance
         if isinstance(lo, (int, float)) and config.sigma_min < lo * (1 - 1e-6):
-            raise FewstepError(f"this teacher's noise table starts at σ = {lo:.4g}, but the grid ends at sigma_min = "
+            raise FewstepError(f"this teacher's noise table starts at σ = {lo:.7g}, but the grid ends at sigma_min = "
                                f"{config.sigma_min:g}, where the teacher would be evaluated out of its range: pass "
-                               f"--sigma-min {lo:.4g} (or higher)")
+                               f"--sigma-min {lo:.7g} (or higher)")
         if isinstance(hi, (int, float)) and config.sigma_max > hi * (1 + 1e-6):
-            raise FewstepError(f"this teacher's noise table ends at σ = {hi:.4g}, but the grid starts at sigma_max = "
-                               f"{config.sigma_max:g}: pass --sigma-max {hi:.4g} (or lower)")
+            raise FewstepError(f"this teacher's noise table ends at σ = {hi:.7g}, but the grid starts at sigma_max = "
+                               f"{config.sigma_max:g}: pass --sigma-max {hi:.7g} (or lower)")
         inner = initial_network(cls.name, teacher, init)
         sigma_data = inner.sigma_data if isinstance(inner, EDMPrecond) else SIGMA_DATA
         student = ConsistencyDenoiser(inner, config.sigma_min, sigma_data)
@@ -208,6 +212,13 @@ class ConsistencyDistillation(Method):
         if init is not None:
             info.num_classes = min(teacher.data_info.num_classes, init.data_info.num_classes)
         return cls(config, den, student, info)
+
+    def check_training(self, train_config, world_size: int = 1) -> None:
+        if train_config.precision == "bf16" and self.config.distance == "pseudo-huber":
+            self.log("warning: --precision bf16 with the pseudo-Huber distance: at large σ bf16 rounds f by more than "
+                     "f differs from its target, and pseudo-Huber weighs every sample's direction alike, so the "
+                     "gradient there is mostly rounding (cosine 0.41 to fp32's on the digits student; 0.98 with "
+                     "--distance l2): prefer fp32, or --distance l2 under bf16", echo=True)
 
     def build_optimizers(self):
         c = self.config

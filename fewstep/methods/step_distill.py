@@ -290,9 +290,9 @@ class StepDistillMethod(Method):
     def initial_student(cls, config, teacher: FewstepModel, init: FewstepModel | None) -> nn.Module:
         top = getattr(teacher.denoiser, "sigma_max", None)  # a discrete ᾱ table ends at a finite σ
         if isinstance(top, (int, float)) and config.sigma_max > top * (1 + 1e-6):
-            raise FewstepError(f"this teacher's noise table ends at σ = {top:.4g}, but the cosine grid starts at "
+            raise FewstepError(f"this teacher's noise table ends at σ = {top:.7g}, but the cosine grid starts at "
                                f"sigma_max = {config.sigma_max:g}, where the teacher would be evaluated out of its "
-                               f"range: pass --sigma-max {top:.4g} (or lower)")
+                               f"range: pass --sigma-max {top:.7g} (or lower)")
         student = initial_network(cls.name, teacher, init)
         if config.prediction == "both":
             from ..nets.two_head import two_head_from

@@ -54,7 +54,7 @@ class TrainConfig:
     max_nonfinite: int = field(default=20, metadata={"help": "abort after this many consecutive non-finite losses"})
     snapshot_samples: int = field(default=64, metadata={"help": "samples in each snapshot picture"})
     device: str = field(default="cpu", metadata={"help": "cpu, cuda, cuda:1, ..."})
-    precision: str = field(default="fp32", metadata={"choices": PRECISIONS, "help": "fp32, or bf16: each loss runs under torch.autocast in bfloat16 (matmuls and convolutions; weights, gradients, optimiser states, EMA and the loss arithmetic stay fp32). Faster on CPUs with AVX512-BF16 or AMX and on recent GPUs; the fake-score methods read small differences of two networks' outputs, which bf16 rounds, and may learn less per image"})
+    precision: str = field(default="fp32", metadata={"choices": PRECISIONS, "help": "fp32, or bf16: each loss runs under torch.autocast in bfloat16 (matmuls and convolutions; weights, gradients, optimiser states, EMA and the loss arithmetic stay fp32). Faster on CPUs with AVX512-BF16 or AMX and on recent GPUs; the fake-score methods read small differences of two networks' outputs, which bf16 rounds, and may learn less per image; so does consistency distillation, most with its pseudo-Huber distance (it warns)"})
     tensorboard: bool = field(default=False, metadata={"help": "also write TensorBoard event files"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
 
