@@ -93,8 +93,8 @@ def table(results: dict) -> dict:
     for label, r in out.items():
         d = (results["digits"] if label.startswith("CD") else results["digits-sid"] if label == "SiD" else {})
         d = d.get("distill", {})
-        lines.append(f"| {label} | {r['nfe']} | {d.get('kimg', '–') if not d else round(d['kimg'])} | "
-                     f"{d.get('sec_per_iter', '–') if not d else round(d['sec_per_iter'], 2)} | "
+        lines.append(f"| {label} | {r['nfe']} | {round(d['kimg']) if d else '–'} | "
+                     f"{round(d['sec_per_iter'], 2) if d else '–'} | "
                      + " / ".join(f"{r['by_seed'][str(s)][key]:.3f}" for s in SEEDS) + f" | {r['fd_mean']:.3f} |")
     return {"fd_key": key, "n_samples": N, "seeds": list(SEEDS), "rows": out, "table": "\n".join(lines)}
 

@@ -381,7 +381,7 @@ def run_method(name: str, cls, cfg: BenchConfig, data: str, out: Path) -> dict:
             student = load_model(folder, device=cfg.device)
             _log(f"{name}: evaluating {folder.relative_to(out) if folder.is_relative_to(out) else folder}")
             # its own recipe, then any further step counts the method samples at (a consistency model: k steps)
-            for steps in (None, *getattr(cls, "bench_steps", ())):
+            for steps in (None, *cls.bench_steps):
                 r = evaluate(student, cfg, data, steps=steps)
                 label = (f"{name} ({suffix})" if suffix else name) + (f" ({steps} steps)" if steps else "")
                 rows.append({"model": name, "method": name, "label": label,

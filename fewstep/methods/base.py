@@ -96,6 +96,31 @@ def initial_network(method: str, teacher, init=None) -> nn.Module:
     return copy.deepcopy(src.denoiser)
 
 
+def student_data_info(teacher, init=None) -> DataInfo:
+    """The data a student makes: the teacher's, with classes only where ``init`` (if given) has them too."""
+    info = DataInfo(**{**teacher.data_info.__dict__})
+    if init is not None:
+        info.num_classes = min(teacher.data_info.num_classes, init.data_info.num_classes)
+    return info
+
+
+def check_sigma_range(teacher_denoiser: nn.Module, *, sigma_min: float | None = None,
+                      sigma_max: float | None = None, grid: str = "grid") -> None:
+    """Refuse a σ grid that leaves the range of a teacher on a discrete ᾱ table (a diffusers UNet's
+    ``sigma_min`` / ``sigma_max``), where it would be evaluated out of range; naming the value to pass.
+    The suggestion is printed to 7 significant digits (≤ 5e-7 relative), inside the 1e-6 tolerance,
+    so passing it as printed is accepted. Teachers without such a range pass every grid."""
+    lo, hi = getattr(teacher_denoiser, "sigma_min", None), getattr(teacher_denoiser, "sigma_max", None)
+    if sigma_min is not None and isinstance(lo, (int, float)) and sigma_min < lo * (1 - 1e-6):
+        raise FewstepError(f"this teacher's noise table starts at σ = {lo:.7g}, but the {grid} ends at sigma_min = "
+                           f"{sigma_min:g}, where the teacher would be evaluated out of its range: pass "
+                           f"--sigma-min {lo:.7g} (or higher)")
+    if sigma_max is not None and isinstance(hi, (int, float)) and sigma_max > hi * (1 + 1e-6):
+        raise FewstepError(f"this teacher's noise table ends at σ = {hi:.7g}, but the {grid} starts at sigma_max = "
+                           f"{sigma_max:g}, where the teacher would be evaluated out of its range: pass "
+                           f"--sigma-max {hi:.7g} (or lower)")
+
+
 class Method(abc.ABC):
     """Base class. Subclasses set ``name``, ``Config`` and implement the abstract hooks.
 
@@ -110,6 +135,7 @@ class Method(abc.ABC):
     Config: ClassVar[type] = object
     uses_data: ClassVar[bool] = False  # True: the loop feeds (x, labels) batches from a dataset
     summary: ClassVar[str] = ""  # one line for `--help` and the bench
+    bench_steps: ClassVar[tuple[int, ...]] = ()  # step counts `fewstep bench` scores the student at, besides its own
 
     def __init__(self, config):
         self.config = config

@@ -38,7 +38,7 @@ from ..diffusion.denoiser import SIGMA_DATA, EDMPrecond, append_dims, karras_sig
 from ..errors import FewstepError
 from ..model import FewstepModel
 from ..training.ema import ema_step
-from .base import DataInfo, Method, Phase, initial_network, register_method
+from .base import DataInfo, Method, Phase, check_sigma_range, initial_network, register_method, student_data_info
 
 SOLVERS = ("heun", "euler")
 DISTANCES = ("l2", "l1", "pseudo-huber")
@@ -191,27 +191,16 @@ class ConsistencyDistillation(Method):
         self.frozen = {"teacher": teacher}
         self.ema_net = "student"
         self.data_info = data_info
+        self.sigmas = cd_sigmas(config.num_scales, config.sigma_min, config.sigma_max, config.rho)  # fixed grid
 
     @classmethod
     def create(cls, config: CDConfig, *, teacher: FewstepModel, dataset=None, init: FewstepModel | None = None):
         """Student and target start from the teacher's network (or ``init``'s) under consistency scalings."""
-        den = teacher.denoiser
-        lo, hi = getattr(den, "sigma_min", None), getattr(den, "sigma_max", None)  # a discrete ᾱ table's range
-        # the suggested values are printed to 7 significant digits (≤ 5e-7 relative), inside the 1e-6 tolerance
-        if isinstance(lo, (int, float)) and config.sigma_min < lo * (1 - 1e-6):
-            raise FewstepError(f"this teacher's noise table starts at σ = {lo:.7g}, but the grid ends at sigma_min = "
-                               f"{config.sigma_min:g}, where the teacher would be evaluated out of its range: pass "
-                               f"--sigma-min {lo:.7g} (or higher)")
-        if isinstance(hi, (int, float)) and config.sigma_max > hi * (1 + 1e-6):
-            raise FewstepError(f"this teacher's noise table ends at σ = {hi:.7g}, but the grid starts at sigma_max = "
-                               f"{config.sigma_max:g}: pass --sigma-max {hi:.7g} (or lower)")
+        check_sigma_range(teacher.denoiser, sigma_min=config.sigma_min, sigma_max=config.sigma_max)
         inner = initial_network(cls.name, teacher, init)
         sigma_data = inner.sigma_data if isinstance(inner, EDMPrecond) else SIGMA_DATA
         student = ConsistencyDenoiser(inner, config.sigma_min, sigma_data)
-        info = DataInfo(**{**teacher.data_info.__dict__})
-        if init is not None:
-            info.num_classes = min(teacher.data_info.num_classes, init.data_info.num_classes)
-        return cls(config, den, student, info)
+        return cls(config, teacher.denoiser, student, student_data_info(teacher, init))
 
     def check_training(self, train_config, world_size: int = 1) -> None:
         if train_config.precision == "bf16" and self.config.distance == "pseudo-huber":
@@ -232,10 +221,9 @@ class ConsistencyDistillation(Method):
         if self.data_info.num_classes == 0:
             labels = None
         c = self.config
-        sigmas = cd_sigmas(c.num_scales, c.sigma_min, c.sigma_max, c.rho, device=x0.device)
-        per, info = consistency_distillation_loss(self.student, self.target, self.teacher, x0, sigmas, labels,
-                                                  solver=c.solver, distance=c.distance, huber_c=c.huber_c or None)
-        return per.mean(), {"sigma_mean": float(info["sigma"].mean())}
+        per, _ = consistency_distillation_loss(self.student, self.target, self.teacher, x0, self.sigmas, labels,
+                                               solver=c.solver, distance=c.distance, huber_c=c.huber_c)
+        return per.mean(), {}
 
     @torch.no_grad()
     def end_iteration(self, nimg: int) -> None:

@@ -19,7 +19,7 @@ from ..diffusion.denoiser import append_dims, edm_loss, karras_ramp
 from ..diffusion.guidance import CFGDenoiser
 from ..errors import FewstepError
 from ..model import FewstepModel, one_step_generate
-from .base import DataInfo, Method, Phase, initial_network
+from .base import DataInfo, Method, Phase, initial_network, student_data_info
 
 
 @dataclass
@@ -174,10 +174,7 @@ class FakeScoreMethod(Method):
             flags = ", ".join("--" + k.replace("_", "-") + f" {v:g}" for k, v in guidance.items())
             raise FewstepError(f"classifier-free guidance ({flags}) needs a class-conditional teacher; "
                                "this one is unconditional")
-        src = init or teacher
-        info = DataInfo(**{**teacher.data_info.__dict__})
-        info.num_classes = min(teacher.data_info.num_classes, src.data_info.num_classes)
-        return cls(config, teacher.denoiser, G, fake, info)
+        return cls(config, teacher.denoiser, G, fake, student_data_info(teacher, init))
 
     # ---- pieces ---------------------------------------------------------------------------
     def draw_labels(self, n: int) -> torch.Tensor | None:

@@ -34,7 +34,7 @@ from torch import nn
 from ..config import require
 from ..errors import FewstepError
 from ..model import FewstepModel, one_step_generate
-from .base import DataInfo, Method, Phase, initial_network, register_method
+from .base import DataInfo, Method, Phase, initial_network, register_method, student_data_info
 
 ODE_SAMPLERS = ("euler", "heun", "ddim", "dpmpp-2m")
 
@@ -285,10 +285,7 @@ class KnowledgeDistillation(Method):
     @classmethod
     def create(cls, config, *, teacher: FewstepModel, dataset=None, init: FewstepModel | None = None):
         student = initial_network(cls.name, teacher, init)
-        info = DataInfo(**{**teacher.data_info.__dict__})
-        if init is not None:
-            info.num_classes = min(teacher.data_info.num_classes, init.data_info.num_classes)
-        return cls(config, teacher, student, info)
+        return cls(config, teacher, student, student_data_info(teacher, init))
 
     def pairs_path(self) -> Path:
         if self.config.pairs:

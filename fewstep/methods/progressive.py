@@ -23,7 +23,7 @@ from torch import nn
 
 from ..config import require
 from ..diffusion.denoiser import append_dims
-from .base import register_method
+from .base import register_method, student_data_info
 from .step_distill import (StepDistillConfig, StepDistillMethod, step_distill_loss, step_sigmas, teacher_ddim,
                            two_step_target)
 
@@ -116,7 +116,7 @@ class Progressive(StepDistillMethod):
     @classmethod
     def create(cls, config, *, teacher, dataset=None, init=None):
         student = cls.initial_student(config, teacher, init)
-        return cls(config, teacher.denoiser, student, cls.student_info(teacher, init),
+        return cls(config, teacher.denoiser, student, student_data_info(teacher, init),
                    halving_schedule(config.start_steps, config.end_steps))
 
     def stage_loss(self, x0, labels):

@@ -70,7 +70,7 @@ from ..diffusion.denoiser import EDMPrecond, append_dims
 from ..errors import FewstepError
 from ..model import FewstepModel
 from ..training.ema import ema_step
-from .base import DataInfo, Method, Phase, initial_network
+from .base import DataInfo, Method, Phase, check_sigma_range, initial_network
 
 PREDICTIONS = ("x", "v", "both")
 WEIGHTINGS = ("auto", "truncated-snr", "snr+1")
@@ -288,11 +288,7 @@ class StepDistillMethod(Method):
     # ---- construction ---------------------------------------------------------------------
     @classmethod
     def initial_student(cls, config, teacher: FewstepModel, init: FewstepModel | None) -> nn.Module:
-        top = getattr(teacher.denoiser, "sigma_max", None)  # a discrete ᾱ table ends at a finite σ
-        if isinstance(top, (int, float)) and config.sigma_max > top * (1 + 1e-6):
-            raise FewstepError(f"this teacher's noise table ends at σ = {top:.7g}, but the cosine grid starts at "
-                               f"sigma_max = {config.sigma_max:g}, where the teacher would be evaluated out of its "
-                               f"range: pass --sigma-max {top:.7g} (or lower)")
+        check_sigma_range(teacher.denoiser, sigma_max=config.sigma_max, grid="cosine grid")
         student = initial_network(cls.name, teacher, init)
         if config.prediction == "both":
             from ..nets.two_head import two_head_from
@@ -302,13 +298,6 @@ class StepDistillMethod(Method):
                                    f"teacher's network is a {type(student).__name__}: use --prediction x or v")
             student = EDMPrecond(two_head_from(student.net), student.sigma_data)
         return student
-
-    @staticmethod
-    def student_info(teacher: FewstepModel, init: FewstepModel | None) -> DataInfo:
-        info = DataInfo(**{**teacher.data_info.__dict__})
-        if init is not None:
-            info.num_classes = min(teacher.data_info.num_classes, init.data_info.num_classes)
-        return info
 
     # ---- stages -----------------------------------------------------------------------------
     @property

@@ -27,7 +27,7 @@ from torch import nn
 from ..config import require
 from ..diffusion.denoiser import append_dims
 from ..training.ema import ema_step
-from .base import register_method
+from .base import register_method, student_data_info
 from .step_distill import (StepDistillConfig, StepDistillMethod, ddim_step, step_distill_loss, step_sigmas,
                            two_step_target)
 
@@ -121,7 +121,7 @@ class TRACT(StepDistillMethod):
     @classmethod
     def create(cls, config, *, teacher, dataset=None, init=None):
         student = cls.initial_student(config, teacher, init)
-        return cls(config, teacher.denoiser, student, cls.student_info(teacher, init), list(config.intervals))
+        return cls(config, teacher.denoiser, student, student_data_info(teacher, init), list(config.intervals))
 
     def on_stage_start(self) -> None:
         self.self_teacher.load_state_dict(self.student.state_dict())
