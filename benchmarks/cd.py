@@ -18,12 +18,11 @@ import argparse
 import json
 import shutil
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, ROOT, RUNS, environment, threads, write_json  # noqa: E402
-from sid import IMAGE_RUNS, SHIPPED, _distill, _eval, _pick, _ship_student  # noqa: E402
+from common import RESULTS, ROOT, RUNS, run_parts, threads  # noqa: E402
+from sid import IMAGE_RUNS, SHIPPED, _distill, _eval, _pick, _ship_student, fd_rows_by_seed  # noqa: E402
 
 DATA, N, MINUTES, SEEDS = "digits", 1000, 28.0, (1, 2, 3)
 # CD's settings: the reference's N = 18, μ = 0.95 and Heun teacher steps; batch 128 as SiD's digits run; the
@@ -77,17 +76,7 @@ def table(results: dict) -> dict:
     sid = ROOT / results["digits-sid"]["run"]
     rows = {"teacher (Heun)": (SHIPPED / DATA, {"sampler": "heun", "steps": 18}),
             "SiD": (sid, {}), "CD": (cd, {}), "CD (2 steps)": (cd, {"steps": 2}), "CD (4 steps)": (cd, {"steps": 4})}
-    out, key = {}, None
-    for label, (path, kw) in rows.items():
-        by_seed = {}
-        for seed in SEEDS:
-            r = _eval(path, N, seed=seed, **kw)
-            key = key or next(k for k in r if k.startswith("fd_") and "floor" not in k)
-            by_seed[str(seed)] = _pick(r)
-        fds = [by_seed[str(s)][key] for s in SEEDS]
-        out[label] = {"nfe": by_seed["1"]["nfe"], "by_seed": by_seed, "fd_mean": sum(fds) / len(fds),
-                      "samples_per_second_seed1": by_seed["1"]["samples_per_second"]}
-        print(label, [round(v, 4) for v in fds], flush=True)
+    out, key = fd_rows_by_seed(rows, N, SEEDS)
     lines = [f"| model | NFE | kimg | s per iteration | {key} (n = {N}) seeds {', '.join(map(str, SEEDS))} | mean |",
              "|---|---|---|---|---|---|"]
     for label, r in out.items():
@@ -114,6 +103,10 @@ def plot(results: dict) -> str:
     return str(path.relative_to(ROOT))
 
 
+def table_and_plot(results: dict) -> dict:
+    return {**table(results), "curve_plot": plot(results)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", nargs="*", default=["digits", "table"], choices=["digits", "digits-sid", "table", "mixture"])
@@ -123,27 +116,10 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(threads())
-    path = RESULTS / "cd.json"
-    for part in args.only:
-        t0 = time.time()
-        if part == "digits":
-            res = run_cd(args.minutes or MINUTES)
-        elif part == "digits-sid":
-            res = run_sid(args.minutes or MINUTES)
-        elif part == "mixture":
-            res = run_mixture(args.minutes or MIXTURE_MINUTES)
-        else:
-            results = json.loads(path.read_text())
-            res = table(results)
-            res["curve_plot"] = plot(results)
-        results = json.loads(path.read_text()) if path.is_file() else {}  # merge: the other part may have run
-        cmd = (f"FEWSTEP_THREADS={threads()} " if threads() != 2 else "") + f"python benchmarks/cd.py --only {part}" \
-            + (f" --minutes {args.minutes:g}" if args.minutes else "")
-        results[part] = {**res, "benchmark_command": cmd, "environment": environment()}
-        write_json("cd.json", results)
-        if part == "table":
-            print(res["table"], flush=True)
-        print(f"{part}: {time.time() - t0:.0f}s", flush=True)
+    parts = {"digits": lambda m: run_cd(m or MINUTES), "digits-sid": lambda m: run_sid(m or MINUTES),
+             "mixture": lambda m: run_mixture(m or MIXTURE_MINUTES),
+             "table": lambda m: table_and_plot(json.loads((RESULTS / "cd.json").read_text()))}
+    run_parts("cd.json", "cd.py", parts, args.only, args.minutes)
 
 
 if __name__ == "__main__":

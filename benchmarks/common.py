@@ -42,3 +42,27 @@ def write_json(name: str, obj: dict) -> Path:
     p.write_text(json.dumps(obj, indent=2) + "\n")
     print(f"wrote {p}")
     return p
+
+
+def record_part(json_name: str, script: str, part: str, res: dict, minutes: float | None = None) -> dict:
+    """Merge one part's result into RESULTS/json_name (other parts, perhaps run side by side, stay), with the
+    command that made it and the environment; returns the merged results."""
+    path = RESULTS / json_name
+    results = json.loads(path.read_text()) if path.is_file() else {}  # read just before writing: the other may have run
+    cmd = (f"FEWSTEP_THREADS={threads()} " if threads() != 2 else "") + f"python benchmarks/{script} --only {part}" \
+        + (f" --minutes {minutes:g}" if minutes else "")
+    results[part] = {**res, "benchmark_command": cmd, "environment": environment()}
+    write_json(json_name, results)
+    return results
+
+
+def run_parts(json_name: str, script: str, parts: dict, only, minutes: float | None = None) -> None:
+    """Run each part in ``only`` (``parts[name](minutes)`` returns its result; ``minutes`` is the --minutes override
+    or None) and record it in RESULTS/json_name as it finishes, printing a result's ``table`` if it has one."""
+    for part in only:
+        t0 = time.time()
+        res = parts[part](minutes)
+        record_part(json_name, script, part, res, minutes)
+        if "table" in res:
+            print(res["table"], flush=True)
+        print(f"{part}: {time.time() - t0:.0f}s", flush=True)

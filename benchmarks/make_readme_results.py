@@ -8,7 +8,8 @@ rewritten (the markers are appended if README.md lacks them; the file is created
 if missing). Every number stands beside the command that produced it. Sources,
 each optional: ``teachers.json`` (benchmarks/teachers.py), ``sid.json``
 (benchmarks/sid.py), ``progressive*.json`` (benchmarks/progressive.py),
-``diffusers_teacher.json`` (benchmarks/diffusers_teacher.py) and ``fewstep bench`` outputs (``*.json`` or ``*/results.json`` with
+``diffusers_teacher.json`` (benchmarks/diffusers_teacher.py), ``cd.json`` (benchmarks/cd.py),
+``reflow.json`` (benchmarks/reflow.py) and ``fewstep bench`` outputs (``*.json`` or ``*/results.json`` with
 ``"format": "fewstep.bench"``). A missing or malformed file is skipped with a note.
 """
 from __future__ import annotations
@@ -358,6 +359,73 @@ def cd_mixture_lines(d: dict) -> list[str]:
             f"Command: {_code(m['benchmark_command'])}; the distillation: {_code(di['command'])}.", ""]
 
 
+def reflow_section(d: dict) -> list[str]:
+    """Reflow beside KD on the same teacher pairs, same budget, one machine (benchmarks/reflow.py)."""
+    t, rf, kd, pairs, fk = d.get("table"), d.get("digits"), d.get("digits-kd"), d.get("pairs"), d.get("digits-rf-kd")
+    out = []
+    if t and rf and kd and pairs:
+        ri, ki = rf["distill"], kd["distill"]
+        st = t["straightness"]
+        out = ["### Rectified flow (reflow) beside knowledge distillation", "",
+               f"Reflow (a 2-rectified flow: the teacher's network trained on the straight lines between the "
+               f"noise and the sample of each teacher pair, sampled with Euler steps on the flow's uniform time "
+               f"grid) and KD (a one-step generator regressed on the same pairs) on the shipped digits teacher: "
+               f"{pairs['n']} pairs of its Heun sampler (35 NFE) made once ({pairs['seconds'] / 60:.2g} minutes on "
+               f"{pairs['threads']} cores), then both trained side by side, one core each, "
+               f"{ri['train_seconds'] / 60:.3g} and {ki['train_seconds'] / 60:.3g} minutes; every model scored on the "
+               f"same noise seeds, n = {t['n_samples']}:", "", t["table"], "",
+               _reflow_reading(t, {k: d[k]["curve"] for k in ("digits-kd", "digits-rf-kd") if k in d}
+                               if fk else None), "",
+               f"Straightness of the sampling trajectories ({t['straightness_protocol']}; mean squared gap between "
+               f"the velocity and its chord's per dimension, relative to the chord's): teacher "
+               f"{_fmt(st['teacher']['straightness'])} (relative {_fmt(st['teacher']['relative'])}), 2-rectified flow "
+               f"{_fmt(st['2-rectified flow']['straightness'])} ({_fmt(st['2-rectified flow']['relative'])}).", "",
+               f"Commands: {_code(pairs['benchmark_command'])}, then {_code(rf['benchmark_command'])} and "
+               f"{_code(kd['benchmark_command'])} side by side, "
+               + (f"then {_code(fk['benchmark_command'])} ({fk['pairs']['n']} pairs of the flow's Euler sampler at "
+                  f"{fk['pairs']['recipe']['steps']} steps, {fk['pairs']['seconds']:.0f} s), " if fk else "")
+               + f"then {_code(t['benchmark_command'])}; the distillations: {_code(ri['command'])}, "
+               f"{_code(ki['command'])}" + (f" and {_code(fk['distill']['command'])}" if fk else "") + ". FD curves "
+               f"(in-run, seed 0): `{t.get('curve_plot', '')}`. Committed: "
+               + ", ".join(f"`{r['student_checkpoint']}`" for r in (rf, kd, fk) if r) + ".", ""]
+    m = d.get("mixture")
+    if m:
+        rows = [[label, r["nfe"], r["log_likelihood"], r["mode_coverage"]] for label, r in m["rows"].items()]
+        di, st = m["distill"], m["straightness"]
+        out += [f"On the exact mixture:{m['mixture']} teacher (reflow from the shipped MLP as `--init`, "
+                f"{di['kimg']:.0f} kimg in {di['train_seconds'] / 60:.3g} minutes; exact log-likelihood, n = "
+                f"{m['n_samples']}, noise seed {m['seed']}; straightness teacher "
+                f"{_fmt(st['teacher']['straightness'])}, 2-rectified flow {_fmt(st['2-rectified flow']['straightness'])}):",
+                "", _table(["model", "NFE", "log-likelihood", "modes covered"], rows), "",
+                f"Command: {_code(m['benchmark_command'])}; the distillation: {_code(di['command'])}.", ""]
+    return out
+
+
+def _reflow_reading(t: dict, curves: dict | None = None) -> str:
+    """Sentences from the table's means: the flow against the teacher's own Euler steps, and against KD at one step."""
+    m = {label: r["fd_mean"] for label, r in t["rows"].items()}
+    flows = sorted((int(k.rsplit(", ", 1)[1].rstrip(")")), v) for k, v in m.items() if k.startswith("2-rectified"))
+    teacher = {int(k.rsplit(", ", 1)[1].rstrip(")")): v for k, v in m.items() if k.startswith("teacher (Euler")}
+    k, best = min(flows, key=lambda kv: kv[1])
+    out = (f"At {k} Euler step{'s' if k > 1 else ''} the 2-rectified flow's mean FD is {_fmt(best)}, against "
+           f"{_fmt(teacher[k])} for the teacher with the same sampler and steps and {_fmt(m['teacher (Heun)'])} for the "
+           f"teacher at 35 NFE; at one step it is {_fmt(flows[0][1])} against KD's {_fmt(m['KD'])} on the same pairs.")
+    if "KD of the 2-rectified flow" in m:
+        out += (f" KD of the 2-rectified flow (on its own pairs) reaches {_fmt(m['KD of the 2-rectified flow'])} at one "
+                f"step, after the flow's training and its own (the same budget each).")
+        if curves:
+            first = {k: next(r for r in c if r.get("kimg", 0) > 0) for k, c in curves.items()}
+            key = next(k for k in first["digits-kd"] if k.startswith("fd_") and "floor" not in k)
+            out += (f" It starts from the flow's network, so the one-step map it learns is nearly there: its first "
+                    f"in-run FD (seed 0, at {first['digits-rf-kd']['kimg']:.0f} kimg) is "
+                    f"{_fmt(first['digits-rf-kd'][key])}, where KD on the teacher's pairs starts at "
+                    f"{_fmt(first['digits-kd'][key])}")
+            level = next((r["kimg"] for r in curves["digits-kd"] if r[key] <= first["digits-rf-kd"][key]), None)
+            out += (f" and first comes level at {level:.0f} kimg." if level is not None
+                    else " and never comes level in its run.")
+    return out
+
+
 def bench_section(name: str, d: dict) -> list[str]:
     from fewstep.eval.tables import columns
 
@@ -402,6 +470,8 @@ def render(results: Path) -> str:
                 part = diffusers_section(d)
             elif p.name == "cd.json":
                 part = cd_section(d)
+            elif p.name == "reflow.json":
+                part = reflow_section(d)
             elif p.name.startswith("progressive"):
                 if p.stem == "progressive-quick" and (results / "progressive.json").is_file():
                     continue  # the smoke-test settings only when the full run is absent

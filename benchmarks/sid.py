@@ -143,6 +143,24 @@ def _pick(r: dict) -> dict:
                                                                       "class_max_dev_"))}
 
 
+
+def fd_rows_by_seed(rows: dict, n: int, seeds) -> tuple[dict, str]:
+    """Each labelled model, sampled with its options (``{label: (path, evaluate_model options)}``), at each noise
+    seed: ``({label: {"nfe", "by_seed", "fd_mean", "samples_per_second_seed1"}}, the FD key)``."""
+    out, key = {}, None
+    for label, (path, kw) in rows.items():
+        by_seed = {}
+        for seed in seeds:
+            r = _eval(path, n, seed=seed, **kw)
+            key = key or next(k for k in r if k.startswith("fd_") and "floor" not in k)
+            by_seed[str(seed)] = _pick(r)
+        fds = [by_seed[str(s)][key] for s in seeds]
+        first = by_seed[str(seeds[0])]
+        out[label] = {"nfe": first["nfe"], "by_seed": by_seed, "fd_mean": sum(fds) / len(fds),
+                      "samples_per_second_seed1": first["samples_per_second"]}
+        print(label, [round(v, 4) for v in fds], flush=True)
+    return out, key
+
 # ---- image teachers --------------------------------------------------------------------------------
 # per-run settings: run name → teacher data, budget, FD sample count, in-run eval interval, batch, lr, options.
 # digits: batch 128 went furthest in 10-minute trials (FD 1.25 at 150 kimg vs 1.50 for batch 32, whose curve

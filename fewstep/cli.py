@@ -266,6 +266,10 @@ def cmd_eval(args) -> int:
         result = evaluate_model_seeds(model, args.seeds, **kw)
     else:
         result = evaluate_model(model, seed=args.seed, **kw)
+    if args.straightness:
+        from .eval.straightness import model_straightness
+
+        result["straightness"] = model_straightness(model, args.n, seed=args.seed, steps=args.straightness)
     result["checkpoint"] = str(args.checkpoint)
     text = json.dumps(result, indent=2)
     if args.json:
@@ -304,8 +308,8 @@ def _sampling_args(p, with_out: bool = True) -> None:
     g.add_argument("--sampler", choices=sorted(SAMPLERS) + ["one-step"], default=None,
                    help="sampler (default: the checkpoint's own recipe, e.g. heun for teachers, one-step for SiD)")
     g.add_argument("--steps", type=int, default=None, help="sampler steps (heun: NFE = 2·steps − 1)")
-    g.add_argument("--schedule", default=None, help="σ schedule: karras, vp-uniform, cosine, exponential or "
-                   "consistency (default: the checkpoint's own recipe)")
+    g.add_argument("--schedule", default=None, help="σ schedule: karras, vp-uniform, cosine, exponential, "
+                   "consistency or flow (default: the checkpoint's own recipe)")
     g.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (conditional models)")
     g.add_argument("--seed", type=int, default=0, help="seed of the noise (default 0)")
     g.add_argument("--batch-size", type=int, default=500, help="samples per forward pass")
@@ -382,6 +386,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="evaluate at each of these noise seeds (instead of --seed) and report every metric's "
                         "mean and std over them: an FD at n = 1000 moves between seeds as much as between "
                         "training settings")
+    p.add_argument("--straightness", type=int, default=0, metavar="STEPS",
+                   help="also measure how straight the model's sampling trajectories are (Liu et al. 2022: the mean "
+                        "squared gap between the flow velocity and its chord's, 0 for straight lines), along STEPS "
+                        "Euler steps (e.g. 100) from the --n noises of --seed")
     _sampling_args(p)
     p.set_defaults(func=cmd_eval)
 

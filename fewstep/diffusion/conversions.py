@@ -14,6 +14,7 @@ This module holds
 * the VP ↔ EDM scale relations (``vp_alpha_sigma``, ``alphas_cumprod_to_sigmas``),
 * the cosine logSNR schedule of progressive distillation (``cosine_alpha_sigma``,
   ``cosine_sigma``, ``cosine_t``),
+* rectified flow's time (``flow_t``, ``flow_sigma``) and velocity (``flow_velocity``),
 * ``VPDenoiser`` for continuous-time VP models and ``DiscreteVPDenoiser`` for
   models trained on a discrete ``alphas_cumprod`` table (DDPM, diffusers).
 
@@ -167,6 +168,35 @@ def cosine_t(sigma_edm) -> torch.Tensor:
     return (2 / math.pi) * torch.atan(s)
 
 
+
+# Rectified flow (Liu et al. 2022) interpolates X_t = t·x_1 + (1 − t)·z (t = 1: data). Dividing by t gives
+# fewstep's form, X_t / t = x_1 + ((1 − t)/t)·z: a flow state is t·x_σ at σ = (1 − t)/t, and its velocity
+# v = dX_t/dt = x_1 − z is, for the denoiser's estimate x̂_1 = D(x_σ, σ), v̂ = (x̂_1 − X_t)/(1 − t).
+
+def flow_sigma(t) -> torch.Tensor:
+    """σ_EDM(t) = (1 − t)/t of rectified flow's X_t = t·x_1 + (1 − t)·z (t ∈ (0, 1])."""
+    t = torch.as_tensor(t)
+    if not t.is_floating_point():
+        t = t.double()
+    return (1 - t) / t
+
+
+def flow_t(sigma_edm) -> torch.Tensor:
+    """Inverse of :func:`flow_sigma`: t = 1/(1 + σ)."""
+    s = torch.as_tensor(sigma_edm)
+    if not s.is_floating_point():
+        s = s.double()
+    return 1 / (1 + s)
+
+
+def flow_velocity(denoised: torch.Tensor, x_sigma: torch.Tensor, sigma) -> torch.Tensor:
+    """The flow velocity v̂ = (x̂_1 − X_t)/(1 − t) at X_t = t·x_σ, t = 1/(1 + σ), given x̂_1 = D(x_σ, σ).
+
+    Equal to (D − x_σ)/σ + D (since X_t = x_σ/(1 + σ) and 1 − t = σ/(1 + σ)), the form evaluated here:
+    it needs no X_t and keeps its precision as t → 1."""
+    sigma = _bc(sigma, x_sigma)
+    return (denoised - x_sigma) / sigma + denoised
+
 # ---------------------------------------------------------------------------
 # Continuous-time VP models
 # ---------------------------------------------------------------------------
@@ -305,5 +335,5 @@ __all__ = [
     "PREDICTIONS", "eps_to_x0", "x0_to_eps", "v_to_x0", "v_to_eps", "x0_to_v", "eps_to_v",
     "prediction_to_x0", "check_prediction", "vp_alpha_sigma", "alphas_cumprod_to_sigmas",
     "linear_beta_alphas_cumprod", "lift_zero_snr", "cosine_alpha_sigma", "cosine_sigma", "cosine_t",
-    "VPDenoiser", "DiscreteVPDenoiser",
+    "flow_sigma", "flow_t", "flow_velocity", "VPDenoiser", "DiscreteVPDenoiser",
 ]

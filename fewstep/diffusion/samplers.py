@@ -265,6 +265,8 @@ SCHEDULES = {
     "exponential": "uniform in log σ (= DPM-Solver's uniform-logSNR spacing) from sigma_max to sigma_min, then 0",
     "consistency": "the first `steps` points of the (steps+1)-point Karras grid from sigma_max to sigma_min (σ_min "
                    "itself dropped: a consistency model is the identity there), then 0",
+    "flow": "rectified flow's uniform time steps: t = 1/(1 + σ) uniformly spaced from t(sigma_max) to 1 (σ = 0), "
+            "so Euler on it is the flow's Euler sampler (ignores sigma_min)",
 }
 
 
@@ -312,6 +314,18 @@ def consistency_sigmas(steps: int, sigma_min: float = 0.002, sigma_max: float = 
     return torch.cat([s[:steps], s.new_zeros(1)])
 
 
+def flow_sigmas(steps: int, sigma_max: float = 80.0) -> torch.Tensor:
+    """Rectified flow's sampling grid in σ: ``steps`` uniform steps of t = 1/(1 + σ) from t(σ_max) to 1.
+
+    Euler's method on the probability-flow ODE down this grid is the flow's Euler sampler
+    X_{t'} = X_t + (t' − t)·v̂ on X_t = t·x_σ (both are exact when D is constant on a step)."""
+    t0 = 1.0 / (1.0 + float(sigma_max))
+    t = torch.linspace(t0, 1.0, steps + 1, dtype=torch.float64)
+    s = (1 - t) / t
+    s[-1] = 0.0
+    return s.float()
+
+
 def make_sigmas(schedule: str, steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0,
                 rho: float = 7.0, *, alphas_cumprod: torch.Tensor | None = None) -> torch.Tensor:
     """A decreasing float32 σ grid of ``steps + 1`` values ending in 0.
@@ -332,6 +346,8 @@ def make_sigmas(schedule: str, steps: int, sigma_min: float = 0.002, sigma_max: 
         return exponential_sigmas(steps, sigma_min, sigma_max)
     if schedule == "consistency":
         return consistency_sigmas(steps, sigma_min, sigma_max, rho)
+    if schedule == "flow":
+        return flow_sigmas(steps, sigma_max)
     raise FewstepError(f"unknown sigma schedule {schedule!r}; choose one of {sorted(SCHEDULES)}")
 
 
@@ -416,5 +432,5 @@ def sample(denoiser: nn.Module, shape, *, sampler: str = "heun", steps: int = 18
 __all__ = [
     "SampleResult", "randn_like", "to_d", "euler", "heun", "ddim", "dpmpp_2m", "consistency", "ancestral_sigmas",
     "SAMPLERS", "get_sampler", "nfe", "SCHEDULES", "make_sigmas", "vp_uniform_sigmas",
-    "cosine_sigmas", "exponential_sigmas", "consistency_sigmas", "initial_noise", "sample",
+    "cosine_sigmas", "exponential_sigmas", "consistency_sigmas", "flow_sigmas", "initial_noise", "sample",
 ]

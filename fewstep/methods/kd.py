@@ -313,11 +313,16 @@ class KnowledgeDistillation(Method):
         c = self.config
         return {"student": torch.optim.Adam(self.student.parameters(), lr=c.lr, betas=tuple(c.betas))}
 
-    def loss(self, batch):
+    def pair_batch(self):
+        """A batch of pairs drawn with replacement: (noise z, teacher sample x, labels or None)."""
         p = self.ensure_pairs()
         idx = torch.randint(0, p["x"].shape[0], (self.batch_size,), device=self.device)
         labels = p["labels"][idx] if ("labels" in p and self.data_info.num_classes > 0) else None
-        per = kd_loss(self.student, p["noise"][idx], p["x"][idx], self.sigma_init, labels, loss=self.config.loss)
+        return p["noise"][idx], p["x"][idx], labels
+
+    def loss(self, batch):
+        noise, x, labels = self.pair_batch()
+        per = kd_loss(self.student, noise, x, self.sigma_init, labels, loss=self.config.loss)
         return per.mean(), {}
 
     def phases(self):
