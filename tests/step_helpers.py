@@ -30,3 +30,15 @@ def train_config(**kw) -> TrainConfig:
                 ema_halflife_kimg=0.0, grad_clip=1.0)  # the methods' train_defaults
     base.update(kw)
     return TrainConfig(**base)
+
+
+def perturbed_conditional_denoiser(scale: float, num_classes: int = 3):
+    """(net config, EDM denoiser) of a class-conditional 2-D MLP, weights perturbed by ``scale``·N(0, 1) so that
+    its output depends on its inputs and labels (a fresh one's output layer is zero)."""
+    net = {**NET, "num_classes": num_classes}
+    torch.manual_seed(0)
+    den = EDMPrecond(build_net(net))
+    with torch.no_grad():
+        for p in den.parameters():
+            p.add_(scale * torch.randn_like(p))
+    return net, den

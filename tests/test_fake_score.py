@@ -11,6 +11,8 @@ from fewstep.methods.sid import SiD, SiDConfig
 from fewstep.model import FewstepModel
 from fewstep.nets import build_net
 
+from step_helpers import perturbed_conditional_denoiser
+
 NET = {"name": "mlp", "dim": 2, "width": 32, "depth": 2, "emb_channels": 16}
 
 
@@ -280,12 +282,7 @@ def test_a_non_finite_sample_is_dropped_and_the_rest_of_the_batch_still_trains_t
 def test_dmd_regression_pairs_follow_the_teachers_guidance_scale():
     from fewstep.diffusion.guidance import CFGDenoiser
 
-    net = {**NET, "num_classes": 3}
-    torch.manual_seed(0)
-    den = EDMPrecond(build_net(net))
-    with torch.no_grad():
-        for p in den.parameters():
-            p.add_(0.1 * torch.randn_like(p))
+    net, den = perturbed_conditional_denoiser(0.1)
     teacher = FewstepModel(den, {"type": "denoiser", "net": net, "precond": {"name": "edm", "sigma_data": 0.5},
                                  "data": {"kind": "points", "sample_shape": [2], "num_classes": 3, "name": "x"}})
     m = DMD.create(DMDConfig(guidance_teacher=3.0, regression_weight=0.25, regression_pairs=32, regression_steps=4),

@@ -14,13 +14,14 @@ from fewstep.diffusion.conversions import flow_sigma, flow_t, flow_velocity
 from fewstep.diffusion.mixture import GaussianMixture
 from fewstep.diffusion.samplers import euler, heun, make_sigmas
 from fewstep.errors import FewstepError
-from fewstep.eval.straightness import straightness
-from fewstep.methods.kd import kd_loss, load_pairs
+from fewstep.diffusion.samplers import initial_noise
+from fewstep.eval.straightness import model_straightness, straightness
+from fewstep.methods.kd import KDConfig, KnowledgeDistillation, kd_loss, load_pairs
 from fewstep.methods.reflow import Reflow, ReflowConfig, reflow_loss, sample_flow_times, straight_path
-from fewstep.model import load_model, save_model
+from fewstep.model import FewstepModel, balanced_labels, load_model, save_model
 from fewstep.training.loop import Trainer
 
-from step_helpers import NET, init_model, train_config as _cfg
+from step_helpers import NET, init_model, perturbed_conditional_denoiser, train_config as _cfg
 
 SIGMA0 = 80.0
 
@@ -256,3 +257,109 @@ def test_the_committed_reflow_benchmark_flow_loads_and_samples():
     for steps in (1, 4):
         res = flow.sample(8, seed=0, steps=steps)
         assert res.nfe == steps and res.x.shape == (8, 1, 8, 8) and torch.isfinite(res.x).all()
+
+
+# ---- edge cases (from an independent review's surviving mutations) ----------------------------------
+
+def test_flow_times_fill_exactly_the_range_between_the_start_and_sigma_min():
+    g = torch.Generator().manual_seed(0)
+    t = sample_flow_times(20000, 80.0, 0.5, generator=g)
+    t0, t1 = 1 / 81, 1 / 1.5
+    assert t.min() >= t0 - 1e-6 and t.max() <= t1 + 1e-6
+    assert t.min() < t0 + 1e-3 and t.max() > t1 - 1e-3
+
+
+def _flow_straightness(den, z, sigma_max, steps, labels=None):
+    """Independent: Euler in the flow's own coordinates X_t, v = (D(X/t, (1-t)/t) - X)/(1 - t)."""
+    t0 = 1 / (1 + sigma_max)
+    ts = torch.linspace(t0, 1, steps + 1, dtype=torch.float64)
+    X = (t0 * sigma_max * z).double()
+    vs = []
+    for i in range(steps):
+        t = ts[i]
+        s = (1 - t) / t
+        d = den(X / t, torch.full((X.shape[0],), float(s), dtype=X.dtype), labels).double()
+        v = (d - X) / (1 - t)
+        vs.append(v)
+        X = X + (ts[i + 1] - t) * v
+    chord = (X - t0 * sigma_max * z.double()) / (1 - t0)
+    gap = torch.stack([(chord - v).pow(2).flatten(1).mean(1) for v in vs]).mean()
+    return float(gap), float(gap / chord.pow(2).flatten(1).mean(1).mean())
+
+
+def test_straightness_matches_an_independent_flow_space_euler():
+    den = load_model("mixture:ring8").denoiser
+    z = torch.randn(300, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    got = straightness(den, z, sigma_max=80.0, steps=30)
+    s, rel = _flow_straightness(den, z, 80.0, 30)
+    assert got["straightness"] == pytest.approx(s, rel=1e-4)
+    assert got["relative"] == pytest.approx(rel, rel=1e-4)
+
+
+def _conditional_model(sigma_max=None):
+    net, den = perturbed_conditional_denoiser(0.3)
+    sampling = {"sampler": "heun", "steps": 4, "schedule": "karras"}
+    if sigma_max:
+        sampling["sigma_max"] = sigma_max
+    return FewstepModel(den, {"format": "fewstep.model", "version": 1, "type": "denoiser", "net": net,
+                              "precond": {"name": "edm", "sigma_data": 0.5},
+                              "data": {"kind": "points", "sample_shape": [2], "num_classes": 3, "name": "x"},
+                              "sampling": sampling})
+
+
+def test_model_straightness_uses_the_recipes_sigma_max_and_the_labels():
+    model = _conditional_model(sigma_max=5.0)
+    got = model_straightness(model, 60, seed=2, steps=12)
+    z = initial_noise((60, 2), 2, model.device)
+    labels = balanced_labels(60, 3, model.device)
+    with torch.no_grad():
+        want, _ = _flow_straightness(model.denoiser, z, 5.0, 12, labels)
+    assert got["sigma_max"] == 5.0 and got["straightness"] == pytest.approx(want, rel=1e-4)
+
+
+def test_reflow_of_a_class_conditional_teacher_feeds_the_pairs_labels(tmp_path):
+    teacher = _conditional_model()
+    m = Reflow.create(ReflowConfig(n_pairs=64, chunk=64, pairs=str(tmp_path / "p.safetensors")), teacher=teacher)
+    m.batch_size = 16
+    seen = []
+    m.student.register_forward_pre_hook(lambda mod, args: seen.append(args[2] if len(args) > 2 else None))
+    m.loss(None)
+    pairs = m.ensure_pairs()
+    assert "labels" in pairs and seen[-1] is not None and seen[-1].shape == (16,)
+
+
+def test_reflow_of_a_diffusers_teacher_stays_in_its_table_and_exports_its_recipe(tmp_path):
+    pytest.importorskip("diffusers")
+    from diffusers import DDPMPipeline, DDPMScheduler
+    from test_diffusers_teacher import tiny_unet
+
+    d = tmp_path / "pipe"
+    DDPMPipeline(unet=tiny_unet(), scheduler=DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
+                 ).save_pretrained(d)
+    teacher = load_model(d)
+    lo, hi = teacher.denoiser.sigma_min, teacher.denoiser.sigma_max
+    kw = dict(n_pairs=16, chunk=16, steps=2, pairs=str(tmp_path / "p.safetensors"))
+    with pytest.raises(FewstepError, match="--sigma-min"):
+        Reflow.create(ReflowConfig(sigma_min=lo / 2, **kw), teacher=teacher)
+    m = Reflow.create(ReflowConfig(sample_steps=3, **kw), teacher=teacher)
+    assert m.sigma_min == pytest.approx(lo)
+    Trainer(m, _cfg(total_kimg=0.016, batch_size=8, checkpoint_every_kimg=1000, log_every_kimg=1000),
+            tmp_path / "run").run_training()
+    flow = load_model(tmp_path / "run")
+    s = flow.sampling
+    assert (s["sampler"], s["steps"], s["schedule"]) == ("euler", 3, "flow")
+    assert s["sigma_max"] == pytest.approx(hi, rel=1e-6)
+    assert flow.config["provenance"]["sigma_min"] == pytest.approx(lo)
+
+
+def test_pairs_of_a_flow_teacher_are_not_its_own_one_step_map(tmp_path):
+    """kd / reflow on a reflow run without --steps would take the flow's own 1-step Euler recipe for the pairs
+    (KD's student, the flow's network, would start at zero loss): refused, naming --steps."""
+    teacher = load_model("mixture:ring8")
+    m = Reflow.create(ReflowConfig(n_pairs=50, chunk=50), teacher=teacher, init=init_model(teacher))
+    Trainer(m, _cfg(total_kimg=0.1, batch_size=50, checkpoint_every_kimg=1000, log_every_kimg=1000),
+            tmp_path / "rf").run_training()
+    flow = load_model(tmp_path / "rf")
+    for method, cfg in ((KnowledgeDistillation, KDConfig), (Reflow, ReflowConfig)):
+        with pytest.raises(FewstepError, match="--steps"):
+            method.create(cfg(n_pairs=16, pairs=str(tmp_path / "p.safetensors")), teacher=flow)

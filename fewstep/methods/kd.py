@@ -50,6 +50,11 @@ def pairs_recipe(teacher: FewstepModel, sampler: str = "", steps: int = 0, sched
     if base.get("sampler") == "one-step":
         raise FewstepError("the teacher is a one-step generator; knowledge distillation needs a multi-step "
                            "teacher (a denoiser sampled with an ODE sampler)")
+    if not steps and base.get("schedule") == "flow":
+        raise FewstepError(f"the teacher is a rectified flow whose own recipe is {base.get('steps')} Euler step(s): "
+                           "pairs of that recipe are its few-step samples, not its ODE's (KD's student, its own "
+                           "network, would start at zero loss); pass --steps for an accurate solve of its ODE "
+                           "(e.g. --steps 32)")
     r = {k: v for k, v in base.items()}
     if sampler:
         r["sampler"] = sampler

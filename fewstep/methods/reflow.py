@@ -7,8 +7,9 @@ between the two ends of each pair,
 
 so that the new flow's trajectories are straighter than the teacher's and a few Euler steps (one, in
 the limit of a perfect reflow) reproduce what the teacher's whole sampler makes. Repeating it on the
-reflowed model's own pairs (``--teacher`` a reflow run) straightens further (k-rectified flow); a
-one-step student then comes from knowledge distillation on its pairs (``fewstep distill kd``).
+reflowed model's own pairs (``--teacher`` a reflow run, ``--steps N`` Euler steps of its ODE for the
+pairs) straightens further (k-rectified flow); a one-step student then comes from knowledge
+distillation on its pairs (``fewstep distill kd --teacher RUN --steps N``).
 
 In fewstep's σ-space form (:mod:`fewstep.diffusion.conversions`) the flow is a denoiser D_θ at
 σ = (1 − t)/t on x_σ = X_t / t, with v_θ = (D_θ − X_t)/(1 − t), so the loss is
@@ -103,7 +104,8 @@ class Reflow(KnowledgeDistillation):
     Generates (noise, teacher sample) pairs like `kd` (resumable, saved in the run folder), then trains
     the teacher's network as a rectified flow between each pair's ends. The result is a multi-step
     model sampled with Euler steps on the flow's time grid (`fewstep sample RUN --steps k`); run reflow
-    on it again for a k-rectified flow, or `kd` on it for a one-step generator.
+    on it again for a k-rectified flow, or `kd` on it for a one-step generator (both with --steps N: the
+    pairs from N Euler steps of its ODE).
     """
 
     name = "reflow"
