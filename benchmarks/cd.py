@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, ROOT, RUNS, run_parts, threads  # noqa: E402
+from common import RESULTS, ROOT, RUNS, read_curve, run_parts, threads  # noqa: E402
 from sid import IMAGE_RUNS, SHIPPED, _distill, _eval, _pick, _ship_student, fd_rows_by_seed  # noqa: E402
 
 DATA, N, MINUTES, SEEDS = "digits", 1000, 28.0, (1, 2, 3)
@@ -44,7 +44,7 @@ def run_cd(minutes: float) -> dict:
     run = RUNS / "cd-digits"
     shutil.rmtree(run, ignore_errors=True)
     info = _distill("cd", str(SHIPPED / DATA), run, minutes, *CD_OPTIONS, eval_n=N, eval_every=EVAL_EVERY)
-    curve = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    curve = read_curve(run)
     return {"distill": info, "student_checkpoint": _ship_student(run, "cd-digits"), "curve": curve}
 
 

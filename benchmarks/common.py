@@ -36,6 +36,11 @@ def fewstep(*args: str) -> float:
     return time.perf_counter() - t0
 
 
+def read_curve(run: Path) -> list[dict]:
+    """A run's in-run evaluations, one dict per line of RUN/metrics.jsonl."""
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
 def write_json(name: str, obj: dict) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     p = RESULTS / name

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, ROOT, RUNS, environment, fewstep, threads, write_json  # noqa: E402
+from common import RESULTS, ROOT, RUNS, environment, fewstep, read_curve, threads, write_json  # noqa: E402
 
 TEACHER = RUNS / "diffusers-digits-teacher"
 STUDENT = RUNS / "sid-diffusers-digits"
@@ -143,8 +143,7 @@ def main() -> int:
     ddim = _eval(teacher, 1, sampler="ddim", steps=50, schedule="vp-uniform")  # = diffusers' DDIMScheduler
     fd = "fd_digits-featnet"
     mean = {k: sum(res[k][str(s)][fd] for s in SEEDS) / len(SEEDS) for k in res}
-    curve = ([json.loads(line) for line in (STUDENT / "metrics.jsonl").read_text().splitlines() if line.strip()]
-             if (STUDENT / "metrics.jsonl").is_file() else prev["curve"])
+    curve = read_curve(STUDENT) if (STUDENT / "metrics.jsonl").is_file() else prev["curve"]
     teacher_seed0 = _eval(teacher, 0)[fd]
     xs = [r["kimg"] for r in curve]
     plot = RESULTS / "sid_diffusers_digits_fd_curve.png"

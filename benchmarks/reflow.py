@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, ROOT, RUNS, run_parts, threads  # noqa: E402
+from common import RESULTS, ROOT, RUNS, read_curve, run_parts, threads  # noqa: E402
 from sid import SHIPPED, _distill, _eval, _pick, _ship_student, fd_rows_by_seed  # noqa: E402
 
 DATA, N, MINUTES, SEEDS, STEPS = "digits", 1000, 28.0, (1, 2, 3), (1, 2, 4)
@@ -72,7 +72,7 @@ def run_digits(method: str, minutes: float) -> dict:
     shutil.rmtree(run, ignore_errors=True)
     info = _distill(method, str(SHIPPED / DATA), run, minutes, "--pairs", str(PAIRS), "--n-pairs", str(N_PAIRS),
                     "--chunk", "1000", *OPTIONS, eval_n=N, eval_every=EVAL_EVERY)
-    curve = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    curve = read_curve(run)
     return {"distill": info, "student_checkpoint": _ship_student(run, f"{method}-digits"), "curve": curve}
 
 
@@ -89,23 +89,17 @@ def run_kd_of_flow(minutes: float) -> dict:
     from fewstep.methods.kd import load_pairs
 
     _, meta = load_pairs(run / "pairs.safetensors")
-    curve = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    curve = read_curve(run)
     return {"distill": info, "pairs": {"n": meta["n"], "recipe": meta["recipe"],
                                        "seconds": meta.get("seconds_this_process")},
             "student_checkpoint": _ship_student(run, "kd-of-reflow-digits"), "curve": curve}
 
 
-def straightness_of(path, sigma_max: float = 80.0) -> dict:
-    import torch
-
-    from fewstep.diffusion.samplers import initial_noise
-    from fewstep.eval.straightness import straightness
+def straightness_of(path) -> dict:
+    from fewstep.eval.straightness import model_straightness
     from fewstep.model import load_model
 
-    model = load_model(path)
-    z = initial_noise((STRAIGHTNESS_N, *model.data_info.sample_shape), seed=1)
-    with torch.no_grad():
-        return straightness(model.denoiser, z, sigma_max=sigma_max, steps=STRAIGHTNESS_STEPS)
+    return model_straightness(load_model(path), STRAIGHTNESS_N, seed=1, steps=STRAIGHTNESS_STEPS)
 
 
 def table(results: dict) -> dict:

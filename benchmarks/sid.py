@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, ROOT, RUNS, environment, fewstep, threads, write_json  # noqa: E402
+from common import RESULTS, ROOT, RUNS, environment, fewstep, read_curve, threads, write_json  # noqa: E402
 
 SHIPPED = ROOT / "fewstep" / "assets" / "teachers"
 LIKELIHOOD_TOLERANCE = 0.05  # "within 5%": |Δ mean log-likelihood| ≤ ln(1.05) nats (likelihood ratio)
@@ -111,7 +111,7 @@ def bench_mixture(minutes: float, presets=tuple(MIXTURE_RUNS)) -> dict:
             "student_checkpoint": _ship_student(run, f"sid-{preset}") if preset == mixture else None,
             "curve": [{"kimg": r["kimg"], "train_seconds": r["train_seconds"], "log_likelihood": r["log_likelihood"],
                        "mode_coverage": r["mode_coverage"]}
-                      for r in map(json.loads, filter(str.strip, (run / "metrics.jsonl").read_text().splitlines()))],
+                      for r in read_curve(run)],
             "curve_n": 5000, "curve_seed": 0,
         }
         out[preset]["curve_plot"] = plot_mixture_curve(preset, out[preset])
@@ -364,7 +364,7 @@ def plot_curve(name: str, data: str, run: Path, n: int, fd_key: str, method: str
     real-data floor measured under the same protocol and seed."""
     from fewstep.eval.plots import plot_curves
 
-    curve = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    curve = read_curve(run)
     teacher = _eval(SHIPPED / data, n, seed=0, sampler="heun", steps=18)
     xs = [r["kimg"] for r in curve]
     plot = RESULTS / f"sid_{name}_fd_curve.png"

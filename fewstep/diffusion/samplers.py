@@ -27,7 +27,7 @@ from torch import nn
 
 from ..errors import FewstepError
 from .conversions import (
-    alphas_cumprod_to_sigmas, cosine_sigma, cosine_t, lift_zero_snr, linear_beta_alphas_cumprod,
+    alphas_cumprod_to_sigmas, cosine_sigma, cosine_t, flow_sigma, flow_t, lift_zero_snr, linear_beta_alphas_cumprod,
 )
 from .denoiser import append_dims, karras_sigmas
 
@@ -319,9 +319,8 @@ def flow_sigmas(steps: int, sigma_max: float = 80.0) -> torch.Tensor:
 
     Euler's method on the probability-flow ODE down this grid is the flow's Euler sampler
     X_{t'} = X_t + (t' − t)·v̂ on X_t = t·x_σ (both are exact when D is constant on a step)."""
-    t0 = 1.0 / (1.0 + float(sigma_max))
-    t = torch.linspace(t0, 1.0, steps + 1, dtype=torch.float64)
-    s = (1 - t) / t
+    t = torch.linspace(float(flow_t(float(sigma_max))), 1.0, steps + 1, dtype=torch.float64)
+    s = flow_sigma(t)
     s[-1] = 0.0
     return s.float()
 

@@ -35,6 +35,7 @@ from torch import nn
 from ..config import require
 from ..diffusion.consistency import ConsistencyDenoiser
 from ..diffusion.denoiser import SIGMA_DATA, EDMPrecond, append_dims, karras_sigmas
+from ..diffusion.samplers import to_d
 from ..errors import FewstepError
 from ..model import FewstepModel
 from ..training.ema import ema_step
@@ -64,16 +65,15 @@ def teacher_ode_step(teacher: nn.Module, x: torch.Tensor, sigma: torch.Tensor, s
     Euler: x' = x + (σ' − σ)·d. Heun (EDM's Algorithm 1, σ' > 0): x' = x + (σ' − σ)·(d + d')/2 with d' the
     derivative at the Euler point — the reference's ``heun_solver``.
     """
-    nd = x.ndim
-    s, s_next = append_dims(sigma, nd), append_dims(sigma_next, nd)
-    d = (x - teacher(x, sigma, labels).to(x.dtype)) / s
-    x_euler = x + (s_next - s) * d
+    h = append_dims(sigma_next - sigma, x.ndim)
+    d = to_d(x, sigma, teacher(x, sigma, labels).to(x.dtype))
+    x_euler = x + h * d
     if solver == "euler":
         return x_euler
     if solver != "heun":
         raise FewstepError(f"unknown solver {solver!r}; choose one of {SOLVERS}")
-    d_next = (x_euler - teacher(x_euler, sigma_next, labels).to(x.dtype)) / s_next
-    return x + (s_next - s) * (d + d_next) / 2
+    d_next = to_d(x_euler, sigma_next, teacher(x_euler, sigma_next, labels).to(x.dtype))
+    return x + h * (d + d_next) / 2
 
 
 def pseudo_huber_c(sample_shape) -> float:

@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from ..config import require
-from ..diffusion.conversions import flow_t, flow_velocity
+from ..diffusion.conversions import flow_sigma, flow_t, flow_velocity
 from .base import check_sigma_range, register_method
 from .kd import KDConfig, KnowledgeDistillation
 
@@ -53,7 +53,7 @@ def straight_path(noise: torch.Tensor, x1: torch.Tensor, sigma_init: float, t: t
 
     z̃ = z − x_1/σ_0 is the line's t = 0 end through the sampler's start point σ_0·z at t_0 = 1/(1 + σ_0)."""
     z_end = noise - x1 / sigma_init
-    sigma = (1 - t) / t  # σ = (1 − t)/t
+    sigma = flow_sigma(t)  # σ = (1 − t)/t
     x_sigma = x1 + sigma.view(-1, *[1] * (x1.ndim - 1)) * z_end  # X_t / t = x_1 + σ·z̃
     return x_sigma, sigma, z_end
 
