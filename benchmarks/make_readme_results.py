@@ -426,6 +426,76 @@ def _reflow_reading(t: dict, curves: dict | None = None) -> str:
     return out
 
 
+def guidance_section(d: dict) -> list[str]:
+    """Guidance distillation of a class-conditional digits teacher (benchmarks/guidance.py)."""
+    te, di, c = d.get("teacher"), d.get("distill"), d.get("compare")
+    if not (te and di and c):
+        return []
+    rows = c["rows"]
+    guided = [k for k in rows if float(k) != 1.0]
+    fd_gap = max(abs(rows[k]["student"]["fd_mean"] - rows[k]["teacher_cfg"]["fd_mean"]) for k in guided)
+    speed = [rows[k]["speedup"] for k in guided]
+    return ["### Guidance distillation", "",
+            f"A class-conditional digits teacher (trained like the shipped one, with label dropout 0.1: "
+            f"{te['kimg']:.0f} kimg in {te['train_seconds'] / 60:.3g} minutes), and its guidance-distilled student "
+            f"(the teacher's network with a guidance input, trained for every κ in [1, 5]: {di['kimg']:.0f} kimg in "
+            f"{di['train_seconds'] / 60:.3g} minutes). Both sampled with Heun, 18 steps; the teacher with "
+            f"classifier-free guidance (two network evaluations per step), the student with κ as an input (one); "
+            f"FD and label accuracy (the feature classifier's class = the conditioning label) are means over noise "
+            f"seeds {', '.join(map(str, c['seeds']))} at n = {c['n_samples']}; the RMS distance is per pixel in "
+            f"[-1, 1], between the two models' samples from the same noise and labels (seed 1):", "", c["table"], "",
+            f"At κ > 1 the student's FD is within {_fmt(fd_gap)} of the teacher's at every κ, and it samples "
+            f"{min(speed):.2f}–{max(speed):.2f}× as fast (half the network evaluations)." + _guidance_edge(rows), "",
+            f"Commands: {_code(te['benchmark_command'])}, {_code(di['benchmark_command'])}, "
+            f"{_code(c['benchmark_command'])}; the training runs: {_code(te['command'])} and {_code(di['command'])}. "
+            f"Committed: `{te['checkpoint']}`, `{di['checkpoint']}` (`fewstep eval FOLDER --guidance κ`).", ""] \
+        + _guidance_steps_lines(d)
+
+
+def _guidance_edge(rows: dict) -> str:
+    """A sentence on κ = 1 (the edge of the learnt range) if the student strays most there."""
+    rms = {k: r["rms_student_vs_teacher_seed1"] for k, r in rows.items()}
+    if "1" not in rms or len(rms) < 3 or rms["1"] <= max(v for k, v in rms.items() if k != "1"):
+        return ""
+    r = rows["1"]
+    return (f" The student is furthest from its teacher at κ = 1, the edge of the range it learnt (RMS "
+            f"{rms['1']:.3g}, against {min(rms.values()):.3g}–{max(v for k, v in rms.items() if k != '1'):.3g} "
+            f"inside it): there it is not the teacher's conditional model but closer to a guided one (FD "
+            f"{_fmt(r['student']['fd_mean'])}, label accuracy {r['student']['label_accuracy_mean']:.3f}, against the "
+            f"teacher's {_fmt(r['teacher_cfg']['fd_mean'])} and {r['teacher_cfg']['label_accuracy_mean']:.3f}): an edge "
+            f"of the range gets the fewest κ draws near it, so train on a range wider than the κ you will sample at.")
+
+
+def _guidance_steps_reading(rows: dict) -> str:
+    """The fewest-step progressive student against the teacher's CFG at the same steps, per κ."""
+    out = []
+    for kappa in sorted({k.rsplit("κ=", 1)[1].rstrip(")") for k in rows}, key=float):
+        steps = min(int(k.split(", ")[1].split()[0]) for k in rows
+                    if k.startswith("progressive student") and k.endswith(f"(κ={kappa})"))
+        p = rows[f"progressive student, {steps} steps (κ={kappa})"]
+        t = rows[f"teacher CFG, DDIM {steps} steps (κ={kappa})"]
+        h = rows[f"teacher CFG, Heun 18 steps (κ={kappa})"]
+        out.append(f"at κ = {kappa} the {steps}-step student ({p['nfe']} NFE) reaches FD {_fmt(p['fd_mean'])} where the "
+                   f"teacher's CFG with DDIM at {steps} steps ({t['nfe']} NFE) gets {_fmt(t['fd_mean'])} and with Heun "
+                   f"at {h['nfe']} NFE {_fmt(h['fd_mean'])}")
+    return "The two stages together: " + "; ".join(out) + "."
+
+
+def _guidance_steps_lines(d: dict) -> list[str]:
+    """Stage two (progressive distillation of the guidance student), if benchmarked."""
+    st, sc = d.get("steps"), d.get("steps-compare")
+    if not (st and sc):
+        return []
+    return [f"Stage two, progressive distillation of the guidance student (16 → 8 → 4 → 2 DDIM steps on the "
+            f"clipped cosine grid, κ drawn from [1, 5] per sample: {st['kimg']:.0f} kimg in "
+            f"{st['train_seconds'] / 60:.3g} minutes), against the teacher's CFG and the guidance student with DDIM "
+            f"on the same grid (FD and label accuracy: means over noise seeds "
+            f"{', '.join(map(str, sc['seeds']))}, n = {sc['n_samples']}):", "", sc["table"], "",
+            _guidance_steps_reading(sc["rows"]), "",
+            f"Commands: {_code(st['benchmark_command'])}, {_code(sc['benchmark_command'])}; the distillation: "
+            f"{_code(st['command'])}. Committed: " + ", ".join(f"`{v}`" for v in st["checkpoints"].values()) + ".", ""]
+
+
 def bench_section(name: str, d: dict) -> list[str]:
     from fewstep.eval.tables import columns
 
@@ -472,6 +542,8 @@ def render(results: Path) -> str:
                 part = cd_section(d)
             elif p.name == "reflow.json":
                 part = reflow_section(d)
+            elif p.name == "guidance.json":
+                part = guidance_section(d)
             elif p.name.startswith("progressive"):
                 if p.stem == "progressive-quick" and (results / "progressive.json").is_file():
                     continue  # the smoke-test settings only when the full run is absent

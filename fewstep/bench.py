@@ -56,7 +56,7 @@ class BenchConfig:
 
     teacher: str
     out: str
-    methods: list[str] | None = None  # None: every registered distillation method
+    methods: list[str] | None = None  # None: every registered method that cuts sampling steps (not guidance distillation)
     init: str | None = None
     data: str | None = None
     budget_minutes: float | None = None
@@ -554,7 +554,7 @@ def run_bench(cfg: BenchConfig) -> dict:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     available = registered_methods()
-    wanted = cfg.methods or list(available)
+    wanted = cfg.methods or [m for m, c in available.items() if c.bench_default]
     for m in cfg.overrides:
         if m not in wanted:
             raise FewstepError(f"--set {m}.…: {m!r} is not among the benched methods ({', '.join(wanted)})")
@@ -643,7 +643,7 @@ def add_parser(sub) -> None:
     p.add_argument("--teacher", required=True, help="teacher: run folder, model folder, shipped:NAME, mixture:PRESET, or a diffusers folder (a UNet2DModel saved with its scheduler)")
     p.add_argument("--out", required=True, help="output folder (results.json, results.md, plots, runs/)")
     p.add_argument("--methods", type=_csv, default=None,
-                   help="comma-separated methods (default: every registered one); unregistered names are listed as absent")
+                   help="comma-separated methods (default: every registered one that cuts sampling steps; guidance distillation only when named); unregistered names are listed as absent")
     b = p.add_mutually_exclusive_group(required=True)
     b.add_argument("--budget-minutes", type=float, default=None, help="training time per method (minutes)")
     b.add_argument("--budget-kimg", type=float, default=None, help="images seen per method (thousands)")

@@ -310,7 +310,7 @@ def _sampling_args(p, with_out: bool = True) -> None:
     g.add_argument("--steps", type=int, default=None, help="sampler steps (heun: NFE = 2·steps − 1)")
     g.add_argument("--schedule", default=None, help="σ schedule: karras, vp-uniform, cosine, exponential, "
                    "consistency or flow (default: the checkpoint's own recipe)")
-    g.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (conditional models)")
+    g.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale κ (conditional models; 1 = none): two network passes per step, one on a guidance-distilled model")
     g.add_argument("--seed", type=int, default=0, help="seed of the noise (default 0)")
     g.add_argument("--batch-size", type=int, default=500, help="samples per forward pass")
     g.add_argument("--device", default="cpu", help="cpu or cuda")

@@ -23,6 +23,7 @@ saved with ``"net": {"name": "diffusers", ...}, "precond": {"name": "vp-discrete
 from __future__ import annotations
 
 import copy
+import warnings
 from pathlib import Path
 
 import torch
@@ -105,9 +106,10 @@ class FewstepModel:
 
         Defaults come from the checkpoint's ``sampling`` recipe; ``sampler``/``steps``
         override it (a one-step generator can also be used as a denoiser with any sampler).
-        ``nfe`` counts network evaluations per sample: guidance (κ ≠ 0, 1) doubles it.
+        ``nfe`` counts network evaluations per sample: guidance (κ ≠ 0, 1) doubles it, except on a
+        guidance-distilled model, which takes κ as an input.
         """
-        from .diffusion.guidance import CFGDenoiser
+        from .diffusion.guidance import with_guidance
         from .diffusion.samplers import SampleResult, initial_noise, sample
 
         if n < 1:
@@ -131,7 +133,11 @@ class FewstepModel:
                 raise FewstepError("guidance mixes a model's labelled and unlabelled predictions, but consistency "
                                    "distillation trains only the labelled one (its null class is the teacher's "
                                    "untouched): sample the consistency model without --guidance")
-            den = CFGDenoiser(den, guidance, null_label=k)
+            lo, hi = self.config.get("provenance", {}).get("guidance_range") or (None, None)
+            if lo is not None and not lo <= guidance <= hi and guidance != 0:
+                warnings.warn(f"guidance {guidance:g} is outside the range [{lo:g}, {hi:g}] this model was "
+                              "guidance-distilled on: its predictions there are extrapolated", stacklevel=2)
+            den = with_guidance(den, guidance, null_label=k)  # one pass for a guidance-distilled net
         shape = (n,) + tuple(self.data_info.sample_shape)
         per_call = getattr(den, "evaluations_per_call", 1)
         if sampler == ONE_STEP:

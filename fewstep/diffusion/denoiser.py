@@ -53,8 +53,15 @@ class EDMPrecond(nn.Module):
     def num_classes(self) -> int:
         return int(getattr(self.net, "num_classes", 0) or 0)
 
-    def forward(self, x: torch.Tensor, sigma, labels: torch.Tensor | None = None) -> torch.Tensor:
-        return self._precond(x, sigma, labels, features=False)
+    @property
+    def guidance_embedding(self) -> bool:
+        """Whether the backbone also takes the guidance scale κ (a guidance-distilled net)."""
+        return bool(getattr(self.net, "guidance_embedding", False))
+
+    def forward(self, x: torch.Tensor, sigma, labels: torch.Tensor | None = None,
+                guidance=None) -> torch.Tensor:
+        """D(x, σ); ``guidance``: κ (a number or ``[N]``) for a guidance-conditioned backbone."""
+        return self._precond(x, sigma, labels, features=False, guidance=guidance)
 
     def forward_with_features(self, x: torch.Tensor, sigma, labels: torch.Tensor | None = None):
         """``(D(x, σ), encoder features)`` from one pass, for backbones with ``return_features``
@@ -67,14 +74,15 @@ class EDMPrecond(nn.Module):
         _, _, c_in, c_noise = edm_scalings(sigma, self.sigma_data)
         return self.net.encoder_features(append_dims(c_in, x.ndim) * x, c_noise, labels)
 
-    def _precond(self, x, sigma, labels, *, features: bool):
+    def _precond(self, x, sigma, labels, *, features: bool, guidance=None):
         sigma = as_sigma(sigma, x)
         c_skip, c_out, c_in, c_noise = edm_scalings(sigma, self.sigma_data)
         nd = x.ndim
+        g = {} if guidance is None else {"guidance": guidance}  # backbones without a guidance input keep theirs
         if features:
-            f, feats = self.net(append_dims(c_in, nd) * x, c_noise, labels, return_features=True)
+            f, feats = self.net(append_dims(c_in, nd) * x, c_noise, labels, return_features=True, **g)
         else:
-            f = self.net(append_dims(c_in, nd) * x, c_noise, labels)
+            f = self.net(append_dims(c_in, nd) * x, c_noise, labels, **g)
         d = append_dims(c_skip, nd) * x + append_dims(c_out, nd) * f.to(x.dtype)
         return (d, feats) if features else d
 

@@ -7,6 +7,11 @@ net with ``num_classes = K``, see docs/architecture.md), the guided denoiser is
 
 so κ = 1 is the plain conditional denoiser and κ = 0 the unconditional one
 (κ here is the "1 + w" of Ho & Salimans / Meng et al.; SiD-LSG's κ is this scale).
+
+A *guidance-conditioned* denoiser (made by guidance distillation,
+:mod:`fewstep.methods.guidance`) takes κ as an input instead and predicts D_κ in
+one pass: :class:`GuidanceInput` binds κ to it, and :func:`with_guidance` picks
+whichever of the two a denoiser needs.
 """
 from __future__ import annotations
 
@@ -82,4 +87,53 @@ class CFGDenoiser(nn.Module):
         return cfg_combine(d_cond, d_uncond, scale)
 
 
-__all__ = ["cfg_combine", "CFGDenoiser"]
+def is_guidance_conditioned(denoiser: nn.Module) -> bool:
+    """Whether ``denoiser`` takes the guidance scale κ as an input (a guidance-distilled network)."""
+    return bool(getattr(denoiser, "guidance_embedding", False))
+
+
+class GuidanceInput(nn.Module):
+    """A guidance-conditioned denoiser at guidance scale ``scale`` (a float or ``[N]`` tensor): one network
+    evaluation per call, where :class:`CFGDenoiser` needs two. A plain ``(x, σ, labels)`` denoiser, so every
+    sampler and method takes it."""
+
+    evaluations_per_call = 1
+
+    def __init__(self, denoiser: nn.Module, scale=1.0):
+        super().__init__()
+        if not is_guidance_conditioned(denoiser):
+            raise FewstepError("GuidanceInput needs a guidance-conditioned denoiser (one made by guidance "
+                               "distillation); wrap other conditional denoisers in CFGDenoiser")
+        self.denoiser = denoiser
+        self.scale = scale
+
+    @property
+    def num_classes(self) -> int:
+        return int(getattr(self.denoiser, "num_classes", 0) or 0)
+
+    def forward(self, x: torch.Tensor, sigma, labels: torch.Tensor | None = None) -> torch.Tensor:
+        scale = self.scale.to(x.device) if torch.is_tensor(self.scale) else self.scale
+        return self.denoiser(x, sigma, labels, guidance=scale)
+
+
+def rows_of(denoiser: nn.Module, index) -> nn.Module:
+    """``denoiser`` for the rows ``index`` of the batch it was made for: a guided denoiser with per-sample
+    scales ``[N]`` keeps those rows' scales (for a method that evaluates part of a batch); others as they are."""
+    scale = getattr(denoiser, "scale", None)
+    if not torch.is_tensor(scale) or scale.ndim == 0 or not isinstance(denoiser, (CFGDenoiser, GuidanceInput)):
+        return denoiser
+    if isinstance(denoiser, GuidanceInput):
+        return GuidanceInput(denoiser.denoiser, scale[index])
+    return CFGDenoiser(denoiser.denoiser, scale[index], null_label=denoiser.null_label)
+
+
+def with_guidance(denoiser: nn.Module, scale, null_label: int | None = None) -> nn.Module:
+    """``denoiser`` at guidance scale κ = ``scale``: its own guidance input if it has one
+    (:class:`GuidanceInput`, one evaluation), else classifier-free guidance (:class:`CFGDenoiser`, two).
+    κ = 0, the unconditional model, is the null label's prediction either way."""
+    if is_guidance_conditioned(denoiser) and (torch.is_tensor(scale) or float(scale) != 0.0):
+        return GuidanceInput(denoiser, scale)
+    return CFGDenoiser(denoiser, scale, null_label=null_label)
+
+
+__all__ = ["cfg_combine", "CFGDenoiser", "GuidanceInput", "is_guidance_conditioned", "rows_of", "with_guidance"]

@@ -136,6 +136,7 @@ class Method(abc.ABC):
     uses_data: ClassVar[bool] = False  # True: the loop feeds (x, labels) batches from a dataset
     summary: ClassVar[str] = ""  # one line for `--help` and the bench
     bench_steps: ClassVar[tuple[int, ...]] = ()  # step counts `fewstep bench` scores the student at, besides its own
+    bench_default: ClassVar[bool] = True  # in `fewstep bench`'s default methods (False: it does not cut the steps)
 
     def __init__(self, config):
         self.config = config

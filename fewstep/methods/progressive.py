@@ -116,13 +116,13 @@ class Progressive(StepDistillMethod):
     @classmethod
     def create(cls, config, *, teacher, dataset=None, init=None):
         student = cls.initial_student(config, teacher, init)
-        return cls(config, teacher.denoiser, student, student_data_info(teacher, init),
-                   halving_schedule(config.start_steps, config.end_steps))
+        return cls.build(config, teacher, student, student_data_info(teacher, init),
+                         halving_schedule(config.start_steps, config.end_steps))
 
     def stage_loss(self, x0, labels):
         c = self.config
-        per, info = progressive_loss(self.student, self.teacher, x0, self.student_steps, labels,
-                                     sigma_max=c.sigma_max, weighting=c.weighting, prediction=c.prediction)
+        per, info = progressive_loss(self.guided(self.student), self.guided(self.teacher), x0, self.student_steps,
+                                     labels, sigma_max=c.sigma_max, weighting=c.weighting, prediction=c.prediction)
         return per, {}
 
 

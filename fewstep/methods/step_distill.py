@@ -67,10 +67,12 @@ from torch import nn
 
 from ..config import require
 from ..diffusion.denoiser import EDMPrecond, append_dims
+from ..diffusion.guidance import GuidanceInput, is_guidance_conditioned
 from ..errors import FewstepError
 from ..model import FewstepModel
 from ..training.ema import ema_step
 from .base import DataInfo, Method, Phase, check_sigma_range, initial_network
+from .guidance import sample_guidance
 
 PREDICTIONS = ("x", "v", "both")
 WEIGHTINGS = ("auto", "truncated-snr", "snr+1")
@@ -284,8 +286,31 @@ class StepDistillMethod(Method):
         self.stage = 0
         self._saved: set[int] = set()
         self._total_nimg: int | None = None
+        self.guidance_range: tuple[float, float] | None = None  # a guidance-distilled teacher's κ range
+        self._kappa: torch.Tensor | None = None  # this iteration's κ per sample (guidance-distilled teachers)
 
     # ---- construction ---------------------------------------------------------------------
+    @classmethod
+    def build(cls, config, teacher: FewstepModel, student: nn.Module, data_info: DataInfo, schedule: list[int]):
+        """The method on ``teacher``; a guidance-distilled teacher (one that takes κ as an input,
+        :mod:`fewstep.methods.guidance`) is distilled at every κ of the range it learnt."""
+        method = cls(config, teacher.denoiser, student, data_info, schedule)
+        if is_guidance_conditioned(teacher.denoiser):
+            if data_info.num_classes <= 0:
+                raise FewstepError("this teacher is guidance-distilled, but the student is unconditional "
+                                   "(--init without classes): give it a guidance-distilled --init or none")
+            if not is_guidance_conditioned(student):
+                raise FewstepError("this teacher is guidance-distilled (it takes κ as an input), but --init has no "
+                                   "guidance input: pass a guidance-distilled --init (a `fewstep distill guidance` "
+                                   "run) or none (the student then starts as the teacher)")
+            lo, hi = teacher.config.get("provenance", {}).get("guidance_range") or (1.0, 5.0)
+            method.guidance_range = (float(lo), float(hi))
+        return method
+
+    def guided(self, net: nn.Module) -> nn.Module:
+        """``net`` at this iteration's guidance scales κ (a guidance-distilled teacher), else ``net`` itself."""
+        return net if self._kappa is None else GuidanceInput(net, self._kappa)
+
     @classmethod
     def initial_student(cls, config, teacher: FewstepModel, init: FewstepModel | None) -> nn.Module:
         check_sigma_range(teacher.denoiser, sigma_max=config.sigma_max, grid="cosine grid")
@@ -342,8 +367,9 @@ class StepDistillMethod(Method):
                 return None
             path = root / "stages" / f"steps-{self.student_steps}"
         cfg = self.export_config()
-        cfg["provenance"] = {"method": self.name, "stage": self.stage, "teacher_steps": self.teacher_steps,
-                             "student_steps": self.student_steps, "schedule": list(self.schedule)}
+        cfg["provenance"] = {**cfg.get("provenance", {}), "method": self.name, "stage": self.stage,
+                             "teacher_steps": self.teacher_steps, "student_steps": self.student_steps,
+                             "schedule": list(self.schedule)}
         save_model(path, self.nets[self.ema_net], cfg)
         self._saved.add(self.stage)
         return path
@@ -444,6 +470,8 @@ class StepDistillMethod(Method):
         x0, labels = batch
         if self.data_info.num_classes == 0:
             labels = None
+        if self.guidance_range is not None:  # κ ~ U[range] per sample, the same for teacher and student
+            self._kappa = sample_guidance(x0.shape[0], *self.guidance_range, device=x0.device)
         per, stats = self.stage_loss(x0, labels)
         stats = {"stage": self.stage, "student_steps": self.student_steps, **stats}
         return per.mean(), stats
@@ -477,9 +505,12 @@ class StepDistillMethod(Method):
     def export_config(self) -> dict:
         from ..model import network_spec
 
-        return {"format": "fewstep.model", "version": 1, "type": "denoiser",
-                **network_spec(self.nets[self.ema_net]), "data": self.data_info.to_dict(),
-                "sampling": sampling_recipe(self.student_steps, self.config.sigma_max)}
+        cfg = {"format": "fewstep.model", "version": 1, "type": "denoiser",
+               **network_spec(self.nets[self.ema_net]), "data": self.data_info.to_dict(),
+               "sampling": sampling_recipe(self.student_steps, self.config.sigma_max)}
+        if self.guidance_range is not None:  # the κ range the student learnt, for the next distillation
+            cfg["provenance"] = {"guidance_range": list(self.guidance_range)}
+        return cfg
 
 
 __all__ = [

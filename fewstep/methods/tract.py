@@ -26,6 +26,7 @@ from torch import nn
 
 from ..config import require
 from ..diffusion.denoiser import append_dims
+from ..diffusion.guidance import rows_of
 from ..training.ema import ema_step
 from .base import register_method, student_data_info
 from .step_distill import (StepDistillConfig, StepDistillMethod, ddim_step, step_distill_loss, step_sigmas,
@@ -53,7 +54,7 @@ def tract_target(teacher: nn.Module, self_teacher: nn.Module, x: torch.Tensor, s
         lab = labels[inner] if labels is not None else None
         s1 = sigma_teacher[inner]
         x1i = ddim_step(x[inner], x0[inner], sigma[inner], s1)
-        x0_second[inner] = self_teacher(x1i, s1, lab).to(x.dtype)
+        x0_second[inner] = rows_of(self_teacher, inner)(x1i, s1, lab).to(x.dtype)  # per-sample κ follow
     # x̃ = (x_b − (σ_b/σ)·x)/(1 − σ_b/σ), formed from the two x̂ without cancellation
     return two_step_target(x0, x0_second, sigma, sigma_teacher, sigma_boundary)
 
@@ -121,7 +122,7 @@ class TRACT(StepDistillMethod):
     @classmethod
     def create(cls, config, *, teacher, dataset=None, init=None):
         student = cls.initial_student(config, teacher, init)
-        return cls(config, teacher.denoiser, student, student_data_info(teacher, init), list(config.intervals))
+        return cls.build(config, teacher, student, student_data_info(teacher, init), list(config.intervals))
 
     def on_stage_start(self) -> None:
         self.self_teacher.load_state_dict(self.student.state_dict())
@@ -133,9 +134,9 @@ class TRACT(StepDistillMethod):
 
     def stage_loss(self, x0, labels):
         c = self.config
-        per, info = tract_loss(self.student, self.teacher, self.self_teacher, x0, self.teacher_steps,
-                               self.student_steps, labels, sigma_max=c.sigma_max, weighting=c.weighting,
-                               prediction=c.prediction)
+        per, info = tract_loss(self.guided(self.student), self.guided(self.teacher), self.guided(self.self_teacher),
+                               x0, self.teacher_steps, self.student_steps, labels, sigma_max=c.sigma_max,
+                               weighting=c.weighting, prediction=c.prediction)
         return per, {"bootstrapped": float(info["bootstrapped"])}
 
 

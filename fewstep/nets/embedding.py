@@ -7,6 +7,12 @@ are part of the checkpoint). A two-layer MLP then maps the embedding to the
 width used by the blocks. Class labels use ``K + 1`` learned vectors; index
 ``K`` is the "no label" vector used for classifier-free guidance and whenever
 ``labels`` is ``None``.
+
+A *guidance-conditioned* net (``guidance_embedding``, made by guidance
+distillation, Meng et al. 2023) also takes the guidance scale κ: the positional
+embedding of w = κ − 1 through a zero-initialised linear layer is added to the
+noise embedding, so a fresh guidance input leaves the network's output unchanged
+(the student starts as its teacher's conditional denoiser).
 """
 from __future__ import annotations
 
@@ -55,7 +61,7 @@ class ConditionEmbedding(nn.Module):
     """
 
     def __init__(self, channels: int, out_channels: int, *, embedding: str = "positional",
-                 fourier_scale: float = 16.0, num_classes: int = 0):
+                 fourier_scale: float = 16.0, num_classes: int = 0, guidance: bool = False):
         super().__init__()
         if embedding not in EMBEDDINGS:
             raise FewstepError(f"embedding must be one of {EMBEDDINGS}, got {embedding!r}")
@@ -63,15 +69,39 @@ class ConditionEmbedding(nn.Module):
         self.noise = (PositionalEmbedding(channels) if embedding == "positional"
                       else FourierEmbedding(channels, fourier_scale))
         self.label = nn.Embedding(self.num_classes + 1, channels) if self.num_classes else None
+        self.guidance = None
+        if guidance:
+            self.guidance_freqs = PositionalEmbedding(channels)
+            self.guidance = nn.Linear(channels, channels)
+            nn.init.zeros_(self.guidance.weight)
+            nn.init.zeros_(self.guidance.bias)
         self.layer0 = nn.Linear(channels, out_channels)
         self.layer1 = nn.Linear(out_channels, out_channels)
 
-    def forward(self, c_noise: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, c_noise: torch.Tensor, labels: torch.Tensor | None = None,
+                guidance: torch.Tensor | None = None) -> torch.Tensor:
         emb = self.noise(c_noise.reshape(-1))
         if self.label is not None:
             emb = emb + self.label(resolve_labels(labels, self.num_classes, emb.shape[0], emb.device))
+        if self.guidance is not None:  # w = κ − 1; no κ given = κ 1, the plain conditional prediction
+            w = torch.zeros_like(emb[:, 0]) if guidance is None else resolve_guidance(guidance, emb.shape[0]) - 1
+            emb = emb + self.guidance(self.guidance_freqs(w.to(emb.device)))
+        elif guidance is not None:
+            raise FewstepError("this network has no guidance input (it was not made by guidance distillation): "
+                               "sample it with classifier-free guidance (CFGDenoiser, `--guidance`) instead")
         emb = F.silu(self.layer0(emb.to(self.layer0.weight.dtype)))
         return F.silu(self.layer1(emb))
+
+
+def resolve_guidance(guidance, n: int) -> torch.Tensor:
+    """A guidance scale κ (a number or a ``[n]`` tensor) as a float tensor ``[n]``."""
+    g = torch.as_tensor(guidance, dtype=torch.float32)
+    if g.ndim == 0:
+        g = g.expand(n)
+    if g.shape != (n,):
+        raise FewstepError(f"the guidance scale must be a number or have shape [{n}] (one per sample), "
+                           f"got {tuple(g.shape)}")
+    return g
 
 
 def resolve_labels(labels: torch.Tensor | None, num_classes: int, n: int, device) -> torch.Tensor:

@@ -35,6 +35,7 @@ class MLPConfig:
     num_classes: int = 0         # 0 = unconditional; K adds K+1 label vectors (K = no label)
     dropout: float = 0.0
     norm: str = "layer"          # "layer" | "group" | "none"
+    guidance_embedding: bool = False  # also takes the guidance scale κ (a guidance-distilled net)
     name: str = "mlp"
 
     def validate(self) -> None:
@@ -90,7 +91,9 @@ class MLP(nn.Module):
         self.num_classes = config.num_classes
         c = config
         self.embed = ConditionEmbedding(c.emb_channels, c.width, embedding=c.embedding,
-                                        fourier_scale=c.fourier_scale, num_classes=c.num_classes)
+                                        fourier_scale=c.fourier_scale, num_classes=c.num_classes,
+                                        guidance=c.guidance_embedding)
+        self.guidance_embedding = c.guidance_embedding
         self.fc_in = nn.Linear(c.dim, c.width)
         self.blocks = nn.ModuleList(MLPBlock(c.width, c.width, c.norm, c.dropout) for _ in range(c.depth))
         self.norm_out = _norm(c.norm, c.width)
@@ -99,13 +102,13 @@ class MLP(nn.Module):
         nn.init.zeros_(self.fc_out.bias)
 
     def forward(self, x_in: torch.Tensor, c_noise: torch.Tensor,
-                labels: torch.Tensor | None = None) -> torch.Tensor:
+                labels: torch.Tensor | None = None, guidance=None) -> torch.Tensor:
         n = x_in.shape[0]
         flat = x_in.reshape(n, -1)
         if flat.shape[1] != self.config.dim:
             raise FewstepError(f"MLP expects {self.config.dim} values per sample, got input of shape "
                                f"{tuple(x_in.shape)}; set MLPConfig.dim to the data dimension")
-        emb = self.embed(c_noise.reshape(n), labels)
+        emb = self.embed(c_noise.reshape(n), labels, guidance)
         h = self.fc_in(flat.to(self.fc_in.weight.dtype))
         for block in self.blocks:
             h = block(h, emb)
