@@ -440,3 +440,25 @@ def test_kappa_zero_is_the_null_labels_prediction_and_kappa_outside_the_range_wa
         warnings.simplefilter("error")
         teacher.sample(8, guidance=2.0)
         teacher.sample(8, guidance=0.0)  # the unconditional model: no extrapolation
+
+
+def test_a_killed_guidance_run_resumes_exactly(tmp_path):
+    teacher, ds = conditional_teacher(), labelled_points(2000)
+
+    def make():
+        torch.manual_seed(0)
+        init = init_model(teacher, net={**NET, "num_classes": K, "dropout": 0.1})
+        return GuidanceDistillation.create(GuidanceConfig(lr=1e-3), teacher=teacher, dataset=ds, init=init)
+
+    cfg = train_config(total_kimg=1.0, checkpoint_every_kimg=0.2, ema_halflife_kimg=0.5)
+    full = make()
+    Trainer(full, cfg, tmp_path / "a", dataset=ds).run_training()
+    part = make()
+    Trainer(part, cfg, tmp_path / "b", dataset=ds).run_training(max_iterations=5)
+    resumed = make()
+    Trainer(resumed, cfg, tmp_path / "b", dataset=ds).run_training()
+    for k, v in full.student.state_dict().items():  # κ, σ, noise and null labels redrawn identically
+        torch.testing.assert_close(resumed.student.state_dict()[k], v, rtol=0, atol=0)
+    a, b = load_model(tmp_path / "a"), load_model(tmp_path / "b")
+    torch.testing.assert_close(a.sample(50, seed=2, guidance=2.0).x, b.sample(50, seed=2, guidance=2.0).x,
+                               rtol=0, atol=0)
