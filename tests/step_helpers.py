@@ -6,7 +6,7 @@ from fewstep.diffusion.denoiser import EDMPrecond
 from fewstep.diffusion.mixture import GaussianMixture
 from fewstep.model import FewstepModel
 from fewstep.nets.build import build_net
-from fewstep.training.loop import TrainConfig
+from fewstep.training.loop import TrainConfig, Trainer
 
 NET = {"name": "mlp", "dim": 2, "width": 32, "depth": 2, "emb_channels": 16}
 
@@ -42,3 +42,15 @@ def perturbed_conditional_denoiser(scale: float, num_classes: int = 3):
         for p in den.parameters():
             p.add_(scale * torch.randn_like(p))
     return net, den
+
+
+def straight_and_resumed(make, cfg: TrainConfig, root, dataset=None, kill_after: int = 5):
+    """The same run twice from ``make()`` (a fresh, seeded method): straight through in ``root/a``, and in
+    ``root/b`` stopped after ``kill_after`` iterations (a killed run), then resumed by another fresh method.
+    Returns ``(straight, resumed)``."""
+    straight = make()
+    Trainer(straight, cfg, root / "a", dataset=dataset).run_training()
+    Trainer(make(), cfg, root / "b", dataset=dataset).run_training(max_iterations=kill_after)
+    resumed = make()
+    Trainer(resumed, cfg, root / "b", dataset=dataset).run_training()
+    return straight, resumed

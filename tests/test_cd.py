@@ -21,7 +21,7 @@ from fewstep.model import load_model, save_model
 from fewstep.nets.build import build_net
 from fewstep.training.loop import Trainer
 
-from step_helpers import NET, init_model, train_config
+from step_helpers import NET, init_model, straight_and_resumed, train_config
 
 
 def _edm(seed=0, dropout=0.0):
@@ -252,12 +252,7 @@ def test_the_target_network_is_the_mu_ema_of_the_student_and_a_run_resumes_exact
         torch.testing.assert_close(m.target.state_dict()[k], 0.9 * old[k] + 0.1 * v)
 
     cfg = train_config(total_kimg=1.0, checkpoint_every_kimg=0.2, ema_halflife_kimg=0.5)
-    full = make()
-    Trainer(full, cfg, tmp_path / "a", dataset=ds).run_training()
-    part = make()
-    Trainer(part, cfg, tmp_path / "b", dataset=ds).run_training(max_iterations=5)
-    resumed = make()
-    Trainer(resumed, cfg, tmp_path / "b", dataset=ds).run_training()
+    full, resumed = straight_and_resumed(make, cfg, tmp_path, ds)
     for name in ("student", "target"):
         for k, v in full.nets[name].state_dict().items():
             torch.testing.assert_close(resumed.nets[name].state_dict()[k], v, rtol=0, atol=0)

@@ -16,7 +16,8 @@ from fewstep.model import FewstepModel, load_model, save_model
 from fewstep.nets.build import build_net
 from fewstep.training.loop import Trainer
 
-from step_helpers import NET, init_model, perturbed_conditional_denoiser, three_mode_mixture, train_config
+from step_helpers import (NET, init_model, perturbed_conditional_denoiser, straight_and_resumed, three_mode_mixture,
+                          train_config)
 
 K = 3  # classes of the test mixture: label k is component k, label 3 is "no label"
 
@@ -451,12 +452,7 @@ def test_a_killed_guidance_run_resumes_exactly(tmp_path):
         return GuidanceDistillation.create(GuidanceConfig(lr=1e-3), teacher=teacher, dataset=ds, init=init)
 
     cfg = train_config(total_kimg=1.0, checkpoint_every_kimg=0.2, ema_halflife_kimg=0.5)
-    full = make()
-    Trainer(full, cfg, tmp_path / "a", dataset=ds).run_training()
-    part = make()
-    Trainer(part, cfg, tmp_path / "b", dataset=ds).run_training(max_iterations=5)
-    resumed = make()
-    Trainer(resumed, cfg, tmp_path / "b", dataset=ds).run_training()
+    full, resumed = straight_and_resumed(make, cfg, tmp_path, ds)
     for k, v in full.student.state_dict().items():  # κ, σ, noise and null labels redrawn identically
         torch.testing.assert_close(resumed.student.state_dict()[k], v, rtol=0, atol=0)
     a, b = load_model(tmp_path / "a"), load_model(tmp_path / "b")

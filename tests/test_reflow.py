@@ -21,7 +21,7 @@ from fewstep.methods.reflow import Reflow, ReflowConfig, reflow_loss, sample_flo
 from fewstep.model import FewstepModel, balanced_labels, load_model, save_model
 from fewstep.training.loop import Trainer
 
-from step_helpers import NET, init_model, perturbed_conditional_denoiser, train_config as _cfg
+from step_helpers import NET, init_model, perturbed_conditional_denoiser, straight_and_resumed, train_config as _cfg
 
 SIGMA0 = 80.0
 
@@ -232,12 +232,7 @@ def test_a_killed_reflow_run_resumes_exactly_on_its_pairs(tmp_path):
         return Reflow.create(ReflowConfig(n_pairs=300, chunk=100, steps=4, pairs=str(pairs), lr=1e-3),
                              teacher=teacher, init=init_model(teacher, {**NET, "dropout": 0.1}))
     cfg = _cfg(total_kimg=1.0, checkpoint_every_kimg=0.2, ema_halflife_kimg=0.5)
-    full = make()
-    Trainer(full, cfg, tmp_path / "a").run_training()
-    part = make()
-    Trainer(part, cfg, tmp_path / "b").run_training(max_iterations=5)
-    resumed = make()
-    Trainer(resumed, cfg, tmp_path / "b").run_training()
+    full, resumed = straight_and_resumed(make, cfg, tmp_path)
     for k, v in full.student.state_dict().items():
         torch.testing.assert_close(resumed.student.state_dict()[k], v, rtol=0, atol=0)
     a, b = load_model(tmp_path / "a"), load_model(tmp_path / "b")

@@ -162,10 +162,7 @@ class GuidanceDistillation(Method):
         if teacher.sampling.get("sampler") == "one-step":
             raise FewstepError("the teacher is a one-step generator; guidance distillation needs a denoiser")
         student = guidance_student(initial_network(cls.name, teacher, init))
-        info = student_data_info(teacher, init)
-        if info.num_classes <= 0:
-            raise FewstepError("--init is unconditional: guidance distillation needs a class-conditional network")
-        return cls(config, teacher.denoiser, student, info, teacher.sampling)
+        return cls(config, teacher.denoiser, student, student_data_info(teacher, init), teacher.sampling)
 
     def build_optimizers(self):
         c = self.config

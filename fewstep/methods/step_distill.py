@@ -72,7 +72,7 @@ from ..errors import FewstepError
 from ..model import FewstepModel
 from ..training.ema import ema_step
 from .base import DataInfo, Method, Phase, check_sigma_range, initial_network
-from .guidance import sample_guidance
+from .guidance import GuidanceConfig, sample_guidance
 
 PREDICTIONS = ("x", "v", "both")
 WEIGHTINGS = ("auto", "truncated-snr", "snr+1")
@@ -303,7 +303,9 @@ class StepDistillMethod(Method):
                 raise FewstepError("this teacher is guidance-distilled (it takes κ as an input), but --init has no "
                                    "guidance input: pass a guidance-distilled --init (a `fewstep distill guidance` "
                                    "run) or none (the student then starts as the teacher)")
-            lo, hi = teacher.config.get("provenance", {}).get("guidance_range") or (1.0, 5.0)
+            default = GuidanceConfig()  # a checkpoint without its range: guidance distillation's default one
+            lo, hi = (teacher.config.get("provenance", {}).get("guidance_range")
+                      or (default.guidance_min, default.guidance_max))
             method.guidance_range = (float(lo), float(hi))
         return method
 
