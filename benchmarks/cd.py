@@ -14,15 +14,14 @@ benchmarks/results/students/cd-digits.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, ROOT, RUNS, read_curve, run_parts, threads  # noqa: E402
-from sid import IMAGE_RUNS, SHIPPED, _distill, _eval, _pick, _ship_student, fd_rows_by_seed  # noqa: E402
+from common import RESULTS, ROOT, RUNS, bench_main, read_curve  # noqa: E402
+from sid import SHIPPED, _distill, _eval, _pick, _ship_student, fd_rows_by_seed, side_by_side_sid  # noqa: E402
 
 DATA, N, MINUTES, SEEDS = "digits", 1000, 28.0, (1, 2, 3)
 # CD's settings: the reference's N = 18, μ = 0.95 and Heun teacher steps; batch 128 as SiD's digits run; the
@@ -62,15 +61,6 @@ def run_mixture(minutes: float) -> dict:
     return {"mixture": MIXTURE, "distill": info, "n_samples": MIXTURE_N, "seed": 1, "rows": rows}
 
 
-def run_sid(minutes: float) -> dict:
-    cfg = IMAGE_RUNS[DATA]
-    run = RUNS / "cd-bench-sid-digits"
-    shutil.rmtree(run, ignore_errors=True)
-    info = _distill("sid", str(SHIPPED / DATA), run, minutes, "--batch-size", str(cfg["batch"]), "--lr-g",
-                    cfg["lr"], "--lr-fake", cfg["lr"], *cfg["options"], eval_n=N, eval_every=cfg["eval_every"])
-    return {"distill": info, "run": str(run.relative_to(ROOT)), "settings": "benchmarks/sid.py IMAGE_RUNS['digits']"}
-
-
 def table(results: dict) -> dict:
     cd = ROOT / results["digits"]["student_checkpoint"]
     sid = ROOT / results["digits-sid"]["run"]
@@ -108,18 +98,12 @@ def table_and_plot(results: dict) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", nargs="*", default=["digits", "table"], choices=["digits", "digits-sid", "table", "mixture"])
-    ap.add_argument("--minutes", type=float, default=None, help=f"override the training budget (digits: {MINUTES:g}, "
-                    f"mixture: {MIXTURE_MINUTES:g})")
-    args = ap.parse_args()
-    import torch
-
-    torch.set_num_threads(threads())
-    parts = {"digits": lambda m: run_cd(m or MINUTES), "digits-sid": lambda m: run_sid(m or MINUTES),
+    parts = {"digits": lambda m: run_cd(m or MINUTES),
+             "digits-sid": lambda m: side_by_side_sid("cd-bench-sid-digits", m or MINUTES),
              "mixture": lambda m: run_mixture(m or MIXTURE_MINUTES),
              "table": lambda m: table_and_plot(json.loads((RESULTS / "cd.json").read_text()))}
-    run_parts("cd.json", "cd.py", parts, args.only, args.minutes)
+    bench_main(__doc__, "cd.json", "cd.py", parts, ["digits", "table"],
+               f"override the training budget (digits: {MINUTES:g}, mixture: {MIXTURE_MINUTES:g})")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Helpers shared by the benchmark scripts (run folders, environment, JSON output)."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -52,12 +53,17 @@ def write_json(name: str, obj: dict) -> Path:
 def record_part(json_name: str, script: str, part: str, res: dict, minutes: float | None = None) -> dict:
     """Merge one part's result into RESULTS/json_name (other parts, perhaps run side by side, stay), with the
     command that made it and the environment; returns the merged results."""
+    import fcntl
+
     path = RESULTS / json_name
-    results = json.loads(path.read_text()) if path.is_file() else {}  # read just before writing: the other may have run
     cmd = (f"FEWSTEP_THREADS={threads()} " if threads() != 2 else "") + f"python benchmarks/{script} --only {part}" \
         + (f" --minutes {minutes:g}" if minutes else "")
-    results[part] = {**res, "benchmark_command": cmd, "environment": environment()}
-    write_json(json_name, results)
+    RUNS.mkdir(parents=True, exist_ok=True)
+    with open(RUNS / f".{json_name}.lock", "w") as lock:  # parts run side by side may finish at the same moment
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        results = json.loads(path.read_text()) if path.is_file() else {}  # read just before writing: the other may have run
+        results[part] = {**res, "benchmark_command": cmd, "environment": environment()}
+        write_json(json_name, results)
     return results
 
 
@@ -71,3 +77,18 @@ def run_parts(json_name: str, script: str, parts: dict, only, minutes: float | N
         if "table" in res:
             print(res["table"], flush=True)
         print(f"{part}: {time.time() - t0:.0f}s", flush=True)
+
+
+def bench_main(doc: str, json_name: str, script: str, parts: dict, default_only: list[str] | None,
+               minutes_help: str) -> None:
+    """A benchmark script's command line: ``--only PART ...`` (the keys of ``parts``; ``default_only`` when not
+    given, required when that is None) and ``--minutes`` (the budget override), torch on :func:`threads`
+    threads, then :func:`run_parts`."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", nargs="*", default=default_only, required=default_only is None, choices=list(parts))
+    ap.add_argument("--minutes", type=float, default=None, help=minutes_help)
+    args = ap.parse_args()
+    import torch
+
+    torch.set_num_threads(threads())
+    run_parts(json_name, script, parts, args.only, args.minutes)

@@ -9,7 +9,8 @@ if missing). Every number stands beside the command that produced it. Sources,
 each optional: ``teachers.json`` (benchmarks/teachers.py), ``sid.json``
 (benchmarks/sid.py), ``progressive*.json`` (benchmarks/progressive.py),
 ``diffusers_teacher.json`` (benchmarks/diffusers_teacher.py), ``cd.json`` (benchmarks/cd.py),
-``reflow.json`` (benchmarks/reflow.py) and ``fewstep bench`` outputs (``*.json`` or ``*/results.json`` with
+``reflow.json`` (benchmarks/reflow.py), ``guidance.json`` (benchmarks/guidance.py), ``boot.json``
+(benchmarks/boot.py), ``sds.json`` (benchmarks/sds.py) and ``fewstep bench`` outputs (``*.json`` or ``*/results.json`` with
 ``"format": "fewstep.bench"``). A missing or malformed file is skipped with a note.
 """
 from __future__ import annotations
@@ -345,6 +346,93 @@ def _cd_reading(t: dict, di: dict, si: dict) -> str:
             f"{cd_best.replace('CD', '').strip(' ()') or '1 step'}.")
 
 
+def boot_section(d: dict) -> list[str]:
+    """BOOT beside SiD, same budget, one machine (benchmarks/boot.py)."""
+    t, bt, sid = d.get("table"), d.get("digits"), d.get("digits-sid")
+    out = []
+    if t and bt and sid:
+        di, si = bt["distill"], sid["distill"]
+        means = {label: r["fd_mean"] for label, r in t["rows"].items()}
+        lead = "SiD" if means["SiD"] < means["BOOT"] else "BOOT"
+        out = ["### BOOT beside SiD", "",
+               f"BOOT (data-free; the student learns the teacher's own Heun path, 18 Karras steps, from each noise, "
+               f"bootstrapped step by step: `benchmarks/boot.py` has the trials) and SiD (the settings of the digits "
+               f"benchmark above) on the shipped digits teacher, run side by side on one machine, one core each, "
+               f"{di['train_seconds'] / 60:.3g} and {si['train_seconds'] / 60:.3g} minutes of training; every model "
+               f"scored on the same noise seeds, n = {t['n_samples']}; the last column is the RMS distance (per pixel, "
+               f"in [-1, 1]) between a student's sample and the teacher's 35-NFE sample from the same noise, mean "
+               f"over the seeds:", "", t["table"], "",
+               f"At equal wall-clock {lead}'s one-step student is ahead (mean FD {_fmt(min(means['SiD'], means['BOOT']))} "
+               f"against {_fmt(max(means['SiD'], means['BOOT']))}; the teacher {_fmt(means['teacher (Heun)'])}), "
+               f"BOOT seeing {di['kimg'] / si['kimg']:.2g}× the images: a BOOT iteration is one student forward "
+               f"(the target), two teacher evaluations and one student forward-backward, a SiD iteration three "
+               f"forward-backward passes. BOOT's student follows the teacher's own path (its RMS to the teacher's "
+               f"samples), SiD's only its distribution. For scale, the KD row is the student committed by "
+               f"`benchmarks/reflow.py` (28 minutes of regression onto 20000 (noise, 35-NFE sample) pairs of the "
+               f"same teacher, whose making is not in those minutes): the coupling BOOT learns without the pairs. "
+               f"FD curves (in-run, seed 0): `{t.get('curve_plot', '')}`. "
+               f"Commands: {_code(bt['benchmark_command'])} and {_code(sid['benchmark_command'])} side by side, then "
+               f"{_code(t['benchmark_command'])}; the distillations: {_code(di['command'])} and "
+               f"{_code(si['command'])}. The BOOT student is committed in `{bt['student_checkpoint']}`.", ""]
+    m = d.get("mixture")
+    if m:
+        rows = [[label, r["nfe"], r["log_likelihood"], r["mode_coverage"], r["samples_per_second"]]
+                for label, r in m["rows"].items()]
+        di = m["distill"]
+        out += ([] if out else ["### BOOT", ""]) + [
+            f"On the exact mixture:{m['mixture']} teacher (BOOT from the shipped MLP as `--init`, {di['kimg']:.0f} kimg "
+            f"in {di['train_seconds'] / 60:.3g} minutes; exact log-likelihood, n = {m['n_samples']}, noise seed "
+            f"{m['seed']}; RMS distance between the student's and the teacher's samples from the same noise "
+            f"{_fmt(m['rms_to_teacher'])}, the teacher's samples' std {_fmt(m['teacher_std'])}):", "",
+            _table(["model", "NFE", "log-likelihood", "modes covered", "samples/s"], rows), "",
+            f"Command: {_code(m['benchmark_command'])}; the distillation: {_code(di['command'])}.", ""]
+    return out
+
+
+def sds_section(d: dict) -> list[str]:
+    """Score distillation sampling beside Diff-Instruct, same budget, one machine (benchmarks/sds.py)."""
+    t, a, b = d.get("table"), d.get("digits-sds"), d.get("digits-di")
+    out = []
+    if t and a and b:
+        da, db = a["distill"], b["distill"]
+        r = t["rows"]
+        out = ["### Score distillation sampling beside Diff-Instruct", "",
+               f"SDS (`fewstep distill sds`) and Diff-Instruct, which differ only in the fake score (SDS's is the "
+               f"sample itself), from the same teacher weights with the same σ distribution, optimiser, batch 128, "
+               f"learning rate 1e-4 and EMA, run side by side on one machine, one core each, "
+               f"{da['train_seconds'] / 60:.3g} and {db['train_seconds'] / 60:.3g} minutes of training; scored on the "
+               f"same noise seeds, n = {t['n_samples']} (precision: the share of samples near the data; recall: the "
+               f"share of the data near the samples):", "", t["table"], "",
+               f"SDS's recall {_fmt(r['SDS']['recall_mean'])} against Diff-Instruct's "
+               f"{_fmt(r['Diff-Instruct']['recall_mean'])} and the teacher's {_fmt(r['teacher (Heun)']['recall_mean'])}"
+               f" (precision {_fmt(r['SDS']['precision_mean'])}, {_fmt(r['Diff-Instruct']['precision_mean'])}, "
+               f"{_fmt(r['teacher (Heun)']['precision_mean'])}): without a fake score the generator "
+               f"follows the teacher's density uphill. Commands: {_code(a['benchmark_command'])} and "
+               f"{_code(b['benchmark_command'])} side by side, then {_code(t['benchmark_command'])}; the "
+               f"distillations: {_code(da['command'])} and {_code(db['command'])}. Committed: "
+               f"`{a['student_checkpoint']}`, `{b['student_checkpoint']}`.", ""]
+    m, ms, mdi = d.get("mixture-table"), d.get("mixture-sds"), d.get("mixture-di")
+    if m and ms and mdi:
+        rows = [[label, r["nfe"], r["log_likelihood"], r["mode_coverage"], r["mmd_rbf"], r["sample_std"],
+                 r["distance_from_data_mean"]] for label, r in m["rows"].items()]
+        out += ([] if out else ["### Score distillation sampling beside Diff-Instruct", ""]) + [
+            f"On the exact mixture:{m['mixture']} teacher (both from the shipped MLP as `--init`, "
+            f"{ms['distill']['kimg']:.0f} and {mdi['distill']['kimg']:.0f} kimg in "
+            f"{ms['distill']['train_seconds'] / 60:.3g} minutes each, side by side; n = {m['n_samples']}, noise seed "
+            f"{m['seed']}; exact log-likelihood, MMD to exact samples, the samples' std per coordinate and their "
+            f"mean distance from the data mean):", "",
+            _table(["model", "NFE", "log-likelihood", "modes covered", "MMD (RBF)", "sample std",
+                    "distance from the data mean"], rows), "",
+            f"SDS's samples end {_fmt(m['rows']['SDS']['distance_from_data_mean'])} from the data mean on average, "
+            f"the teacher's {_fmt(m['rows']['teacher (exact, Heun)']['distance_from_data_mean'])}: they bunch where "
+            f"the noise-averaged density peaks, and the large noise levels see the modes as one blob around "
+            f"their centre.", "",
+            f"Commands: {_code(ms['benchmark_command'])} and {_code(mdi['benchmark_command'])} side by side, then "
+            f"{_code(m['benchmark_command'])}; the distillations: {_code(ms['distill']['command'])} and "
+            f"{_code(mdi['distill']['command'])}.", ""]
+    return out
+
+
 def cd_mixture_lines(d: dict) -> list[str]:
     m = d.get("mixture")
     if not m:
@@ -544,6 +632,10 @@ def render(results: Path) -> str:
                 part = reflow_section(d)
             elif p.name == "guidance.json":
                 part = guidance_section(d)
+            elif p.name == "boot.json":
+                part = boot_section(d)
+            elif p.name == "sds.json":
+                part = sds_section(d)
             elif p.name.startswith("progressive"):
                 if p.stem == "progressive-quick" and (results / "progressive.json").is_file():
                     continue  # the smoke-test settings only when the full run is absent

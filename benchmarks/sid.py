@@ -299,6 +299,17 @@ IMAGE_RUNS["digits-sida"] = {**IMAGE_RUNS["digits"], "method": "sida", "lr": "5e
 EXTRA_SEEDS = (2, 3)  # FD at n = 1000 moves by ~0.1 between noise seeds: student and teacher at these seeds too
 
 
+def side_by_side_sid(run_name: str, minutes: float) -> dict:
+    """SiD with the "digits" benchmark's settings in RUNS/run_name, for another method's benchmark to run beside
+    it (one core each, the same minutes): its run folder is scored there, its student not committed."""
+    cfg = IMAGE_RUNS["digits"]
+    run = RUNS / run_name
+    shutil.rmtree(run, ignore_errors=True)
+    info = _distill("sid", str(SHIPPED / "digits"), run, minutes, "--batch-size", str(cfg["batch"]), "--lr-g",
+                    cfg["lr"], "--lr-fake", cfg["lr"], *cfg["options"], eval_n=cfg["n"], eval_every=cfg["eval_every"])
+    return {"distill": info, "run": str(run.relative_to(ROOT)), "settings": "benchmarks/sid.py IMAGE_RUNS['digits']"}
+
+
 def bench_images(name: str, minutes: float) -> dict:
     cfg = IMAGE_RUNS[name]
     data, n, lr = cfg["data"], cfg["n"], cfg["lr"]

@@ -135,7 +135,7 @@ def test_help_lists_methods_and_options():
     for opt in ("--alpha", "--sigma-init", "--lr-g", "--total-kimg", "--guidance-teacher", "--init"):
         assert opt in res.stdout
     res = subprocess.run([sys.executable, "-m", "fewstep", "distill", "--help"], capture_output=True, text=True)
-    for m in ("sid", "diff-instruct", "dmd", "progressive", "tract", "kd", "cd", "reflow"):
+    for m in ("sid", "diff-instruct", "dmd", "progressive", "tract", "kd", "cd", "reflow", "guidance", "boot"):
         assert m in res.stdout
 
 

@@ -58,10 +58,16 @@ class EDMPrecond(nn.Module):
         """Whether the backbone also takes the guidance scale κ (a guidance-distilled net)."""
         return bool(getattr(self.net, "guidance_embedding", False))
 
+    @property
+    def path_embedding(self) -> bool:
+        """Whether the backbone also takes a path noise level σ_p (a BOOT student)."""
+        return bool(getattr(self.net, "path_embedding", False))
+
     def forward(self, x: torch.Tensor, sigma, labels: torch.Tensor | None = None,
-                guidance=None) -> torch.Tensor:
-        """D(x, σ); ``guidance``: κ (a number or ``[N]``) for a guidance-conditioned backbone."""
-        return self._precond(x, sigma, labels, features=False, guidance=guidance)
+                guidance=None, path=None) -> torch.Tensor:
+        """D(x, σ); ``guidance``: κ (a number or ``[N]``) for a guidance-conditioned backbone;
+        ``path``: σ_p (a number or ``[N]``) for a path-conditioned one (BOOT)."""
+        return self._precond(x, sigma, labels, features=False, guidance=guidance, path=path)
 
     def forward_with_features(self, x: torch.Tensor, sigma, labels: torch.Tensor | None = None):
         """``(D(x, σ), encoder features)`` from one pass, for backbones with ``return_features``
@@ -74,11 +80,13 @@ class EDMPrecond(nn.Module):
         _, _, c_in, c_noise = edm_scalings(sigma, self.sigma_data)
         return self.net.encoder_features(append_dims(c_in, x.ndim) * x, c_noise, labels)
 
-    def _precond(self, x, sigma, labels, *, features: bool, guidance=None):
+    def _precond(self, x, sigma, labels, *, features: bool, guidance=None, path=None):
         sigma = as_sigma(sigma, x)
         c_skip, c_out, c_in, c_noise = edm_scalings(sigma, self.sigma_data)
         nd = x.ndim
         g = {} if guidance is None else {"guidance": guidance}  # backbones without a guidance input keep theirs
+        if path is not None:
+            g["path"] = path
         if features:
             f, feats = self.net(append_dims(c_in, nd) * x, c_noise, labels, return_features=True, **g)
         else:

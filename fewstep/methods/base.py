@@ -96,6 +96,32 @@ def initial_network(method: str, teacher, init=None) -> nn.Module:
     return copy.deepcopy(src.denoiser)
 
 
+def with_new_input(denoiser: nn.Module, flag: str, what: str, why: str) -> nn.Module:
+    """A copy of a fewstep denoiser whose backbone gets the extra input that config ``flag`` switches on
+    (``guidance_embedding``, ``path_embedding``; zero-initialised, so the copy computes what ``denoiser``
+    computes until trained). A denoiser that already has it is copied as it is. ``what``/``why`` word the
+    error for a network that cannot take it: "{what} to a fewstep network (...); this teacher's network is
+    not one ({why}"."""
+    from ..diffusion.denoiser import EDMPrecond
+    from ..nets.build import build_net, net_config
+
+    if not isinstance(denoiser, EDMPrecond):
+        raise FewstepError(f"{what} to a fewstep network (a UNet or MLP under EDM preconditioning); this "
+                           f"teacher's network is not one ({why}")
+    cfg = net_config(denoiser.net)
+    if cfg["name"] == "two-head":  # a --prediction both net: the input goes to its backbone
+        cfg = {**cfg, "inner": {**cfg["inner"], flag: True}}
+    else:
+        cfg = {**cfg, flag: True}
+    net = build_net(cfg)
+    prefix = "embed." + flag.removesuffix("_embedding")
+    missing, unexpected = net.load_state_dict(denoiser.net.state_dict(), strict=False)
+    if unexpected or any(not k.removeprefix("inner.").startswith(prefix) for k in missing):
+        raise FewstepError(f"could not copy the teacher's weights into its copy with the new input "
+                           f"(missing {missing}, unexpected {unexpected})")
+    return EDMPrecond(net, denoiser.sigma_data).to(next(denoiser.parameters()).device)
+
+
 def student_data_info(teacher, init=None) -> DataInfo:
     """The data a student makes: the teacher's, with classes only where ``init`` (if given) has them too."""
     info = DataInfo(**{**teacher.data_info.__dict__})

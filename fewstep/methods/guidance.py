@@ -32,7 +32,7 @@ from ..config import require
 from ..diffusion.denoiser import EDMPrecond, append_dims, edm_loss_weight, sample_edm_sigma
 from ..diffusion.guidance import CFGDenoiser, is_guidance_conditioned
 from ..errors import FewstepError
-from .base import Method, Phase, initial_network, register_method, student_data_info
+from .base import Method, Phase, initial_network, register_method, student_data_info, with_new_input
 
 
 # ---- the mathematics: pure functions --------------------------------------------------------------------
@@ -74,23 +74,9 @@ def guidance_student(denoiser: nn.Module) -> EDMPrecond:
     """A copy of a fewstep conditional denoiser with a guidance input added (zero-initialised: it predicts
     exactly what ``denoiser`` predicts for its labels, at every κ, until trained). A denoiser that already
     has one is copied as it is."""
-    from ..nets.build import build_net, net_config
-
-    if not isinstance(denoiser, EDMPrecond):
-        raise FewstepError("guidance distillation adds a guidance input to a fewstep network (a UNet or MLP "
-                           "under EDM preconditioning); this teacher's network is not one (a diffusers UNet has "
-                           "no such input): distil a fewstep teacher, or pass --init with a fewstep denoiser")
-    cfg = net_config(denoiser.net)
-    if cfg["name"] == "two-head":  # a --prediction both student: the guidance input goes to its backbone
-        cfg = {**cfg, "inner": {**cfg["inner"], "guidance_embedding": True}}
-    else:
-        cfg = {**cfg, "guidance_embedding": True}
-    net = build_net(cfg)
-    missing, unexpected = net.load_state_dict(denoiser.net.state_dict(), strict=False)
-    if unexpected or any(not k.removeprefix("inner.").startswith("embed.guidance") for k in missing):
-        raise FewstepError(f"could not copy the teacher's weights into its guidance-conditioned copy "
-                           f"(missing {missing}, unexpected {unexpected})")
-    return EDMPrecond(net, denoiser.sigma_data).to(next(denoiser.parameters()).device)
+    return with_new_input(denoiser, "guidance_embedding", "guidance distillation adds a guidance input",
+                          "a diffusers UNet has no such input): distil a fewstep teacher, or pass --init with a "
+                          "fewstep denoiser")
 
 
 # ---- the method ----------------------------------------------------------------------------------------

@@ -13,6 +13,12 @@ distillation, Meng et al. 2023) also takes the guidance scale κ: the positional
 embedding of w = κ − 1 through a zero-initialised linear layer is added to the
 noise embedding, so a fresh guidance input leaves the network's output unchanged
 (the student starts as its teacher's conditional denoiser).
+
+A *path-conditioned* net (``path_embedding``, a BOOT student, Gu et al. 2023)
+also takes the noise level σ_p of the point of its sampling path it is asked
+for: ln(1 + σ_p/σ_d) (0 at the data end, finite there) is embedded the same
+way, through its own zero-initialised linear layer. No σ_p given means σ_p = 0,
+the path's data end, so such a net is a one-step generator when called plainly.
 """
 from __future__ import annotations
 
@@ -61,7 +67,8 @@ class ConditionEmbedding(nn.Module):
     """
 
     def __init__(self, channels: int, out_channels: int, *, embedding: str = "positional",
-                 fourier_scale: float = 16.0, num_classes: int = 0, guidance: bool = False):
+                 fourier_scale: float = 16.0, num_classes: int = 0, guidance: bool = False,
+                 path: bool = False):
         super().__init__()
         if embedding not in EMBEDDINGS:
             raise FewstepError(f"embedding must be one of {EMBEDDINGS}, got {embedding!r}")
@@ -75,11 +82,17 @@ class ConditionEmbedding(nn.Module):
             self.guidance = nn.Linear(channels, channels)
             nn.init.zeros_(self.guidance.weight)
             nn.init.zeros_(self.guidance.bias)
+        self.path = None
+        if path:
+            self.path_freqs = PositionalEmbedding(channels)
+            self.path = nn.Linear(channels, channels)
+            nn.init.zeros_(self.path.weight)
+            nn.init.zeros_(self.path.bias)
         self.layer0 = nn.Linear(channels, out_channels)
         self.layer1 = nn.Linear(out_channels, out_channels)
 
     def forward(self, c_noise: torch.Tensor, labels: torch.Tensor | None = None,
-                guidance: torch.Tensor | None = None) -> torch.Tensor:
+                guidance: torch.Tensor | None = None, path: torch.Tensor | None = None) -> torch.Tensor:
         emb = self.noise(c_noise.reshape(-1))
         if self.label is not None:
             emb = emb + self.label(resolve_labels(labels, self.num_classes, emb.shape[0], emb.device))
@@ -89,19 +102,36 @@ class ConditionEmbedding(nn.Module):
         elif guidance is not None:
             raise FewstepError("this network has no guidance input (it was not made by guidance distillation): "
                                "sample it with classifier-free guidance (CFGDenoiser, `--guidance`) instead")
+        if self.path is not None:  # σ_p = 0 (the data end) unless given
+            sp = torch.zeros_like(emb[:, 0]) if path is None else resolve_path(path, emb.shape[0]).to(emb.device)
+            emb = emb + self.path(self.path_freqs(torch.log1p(sp / PATH_SIGMA_DATA)))
+        elif path is not None:
+            raise FewstepError("this network has no path input (it was not made by BOOT): it takes x and σ only")
         emb = F.silu(self.layer0(emb.to(self.layer0.weight.dtype)))
         return F.silu(self.layer1(emb))
 
 
+PATH_SIGMA_DATA = 0.5  # σ_d of the path coordinate ln(1 + σ_p/σ_d)
+
+
+def _per_sample(value, n: int, what: str) -> torch.Tensor:
+    """A number or a ``[n]`` tensor as a float tensor ``[n]`` (``what`` names it in the error)."""
+    v = torch.as_tensor(value, dtype=torch.float32)
+    if v.ndim == 0:
+        v = v.expand(n)
+    if v.shape != (n,):
+        raise FewstepError(f"{what} must be a number or have shape [{n}] (one per sample), got {tuple(v.shape)}")
+    return v
+
+
+def resolve_path(path, n: int) -> torch.Tensor:
+    """A path noise level σ_p (a number or a ``[n]`` tensor, >= 0) as a float tensor ``[n]``."""
+    return _per_sample(path, n, "the path noise level")
+
+
 def resolve_guidance(guidance, n: int) -> torch.Tensor:
     """A guidance scale κ (a number or a ``[n]`` tensor) as a float tensor ``[n]``."""
-    g = torch.as_tensor(guidance, dtype=torch.float32)
-    if g.ndim == 0:
-        g = g.expand(n)
-    if g.shape != (n,):
-        raise FewstepError(f"the guidance scale must be a number or have shape [{n}] (one per sample), "
-                           f"got {tuple(g.shape)}")
-    return g
+    return _per_sample(guidance, n, "the guidance scale")
 
 
 def resolve_labels(labels: torch.Tensor | None, num_classes: int, n: int, device) -> torch.Tensor:

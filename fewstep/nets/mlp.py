@@ -36,6 +36,7 @@ class MLPConfig:
     dropout: float = 0.0
     norm: str = "layer"          # "layer" | "group" | "none"
     guidance_embedding: bool = False  # also takes the guidance scale κ (a guidance-distilled net)
+    path_embedding: bool = False  # also takes the noise level σ_p of a point of its sampling path (BOOT)
     name: str = "mlp"
 
     def validate(self) -> None:
@@ -92,8 +93,9 @@ class MLP(nn.Module):
         c = config
         self.embed = ConditionEmbedding(c.emb_channels, c.width, embedding=c.embedding,
                                         fourier_scale=c.fourier_scale, num_classes=c.num_classes,
-                                        guidance=c.guidance_embedding)
+                                        guidance=c.guidance_embedding, path=c.path_embedding)
         self.guidance_embedding = c.guidance_embedding
+        self.path_embedding = c.path_embedding
         self.fc_in = nn.Linear(c.dim, c.width)
         self.blocks = nn.ModuleList(MLPBlock(c.width, c.width, c.norm, c.dropout) for _ in range(c.depth))
         self.norm_out = _norm(c.norm, c.width)
@@ -102,13 +104,13 @@ class MLP(nn.Module):
         nn.init.zeros_(self.fc_out.bias)
 
     def forward(self, x_in: torch.Tensor, c_noise: torch.Tensor,
-                labels: torch.Tensor | None = None, guidance=None) -> torch.Tensor:
+                labels: torch.Tensor | None = None, guidance=None, path=None) -> torch.Tensor:
         n = x_in.shape[0]
         flat = x_in.reshape(n, -1)
         if flat.shape[1] != self.config.dim:
             raise FewstepError(f"MLP expects {self.config.dim} values per sample, got input of shape "
                                f"{tuple(x_in.shape)}; set MLPConfig.dim to the data dimension")
-        emb = self.embed(c_noise.reshape(n), labels, guidance)
+        emb = self.embed(c_noise.reshape(n), labels, guidance, path)
         h = self.fc_in(flat.to(self.fc_in.weight.dtype))
         for block in self.blocks:
             h = block(h, emb)

@@ -59,17 +59,20 @@ class TwoHead(nn.Module):
         self.inner = build_net(config.inner)
         self.num_classes = int(getattr(self.inner, "num_classes", 0) or 0)
         self.guidance_embedding = bool(getattr(self.inner, "guidance_embedding", False))
+        self.path_embedding = bool(getattr(self.inner, "path_embedding", False))
         self._pad = config.inner["name"] == "mlp"
 
-    def heads(self, x_in: torch.Tensor, c_noise: torch.Tensor, labels=None, guidance=None):
+    def heads(self, x_in: torch.Tensor, c_noise: torch.Tensor, labels=None, guidance=None, path=None):
         """The raw outputs (F_x, F_ε), each shaped like ``x_in``."""
         inp = torch.cat([x_in, torch.zeros_like(x_in)], dim=1) if self._pad else x_in
-        out = self.inner(inp, c_noise, labels) if guidance is None else self.inner(inp, c_noise, labels, guidance)
+        extra = {k: v for k, v in (("guidance", guidance), ("path", path)) if v is not None}
+        out = self.inner(inp, c_noise, labels, **extra)
         f_x, f_eps = out.chunk(2, dim=1)
         return f_x, f_eps
 
-    def forward(self, x_in: torch.Tensor, c_noise: torch.Tensor, labels=None, guidance=None) -> torch.Tensor:
-        f_x, f_eps = self.heads(x_in, c_noise, labels, guidance)
+    def forward(self, x_in: torch.Tensor, c_noise: torch.Tensor, labels=None, guidance=None,
+                path=None) -> torch.Tensor:
+        f_x, f_eps = self.heads(x_in, c_noise, labels, guidance, path)
         # σ_t² = σ²/(1 + σ²) = sigmoid(ln σ²), with ln σ = 4·c_noise (EDM's c_noise = ¼·ln σ)
         w_x = torch.sigmoid(8.0 * c_noise).reshape((-1,) + (1,) * (x_in.ndim - 1)).to(f_x.dtype)
         return w_x * f_x + (1.0 - w_x) * f_eps  # σ_t²·F_x + α_t²·F_ε

@@ -58,6 +58,7 @@ class UNetConfig:
     emb_mult: int = 4                # embedding width = emb_mult · model_channels
     adaptive_scale: bool = True      # embedding as scale/shift (True) or additive bias (False)
     guidance_embedding: bool = False  # also takes the guidance scale κ (a guidance-distilled net)
+    path_embedding: bool = False     # also takes the noise level σ_p of a point of its sampling path (BOOT)
     name: str = "unet"
 
     @property
@@ -179,6 +180,7 @@ class UNet(nn.Module):
         self.config = c = config
         self.num_classes = c.num_classes
         self.guidance_embedding = c.guidance_embedding
+        self.path_embedding = c.path_embedding
         u = c.pixel_unshuffle
         cin_img = c.in_channels * u * u
         cout_img = (c.out_channels or c.in_channels) * u * u
@@ -186,7 +188,7 @@ class UNet(nn.Module):
         block = dict(dropout=c.dropout, adaptive_scale=c.adaptive_scale, channels_per_head=c.channels_per_head)
         self.embed = ConditionEmbedding(c.model_channels, emb_ch, embedding=c.embedding,
                                         fourier_scale=c.fourier_scale, num_classes=c.num_classes,
-                                        guidance=c.guidance_embedding)
+                                        guidance=c.guidance_embedding, path=c.path_embedding)
         res = c.resolutions
         self.conv_in = nn.Conv2d(cin_img, c.model_channels, 3, padding=1)
         self.enc = nn.ModuleList()
@@ -217,7 +219,7 @@ class UNet(nn.Module):
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
 
-    def _encode(self, x_in: torch.Tensor, c_noise: torch.Tensor, labels, guidance=None):
+    def _encode(self, x_in: torch.Tensor, c_noise: torch.Tensor, labels, guidance=None, path=None):
         c = self.config
         u = c.pixel_unshuffle
         if x_in.ndim != 4 or x_in.shape[1] != c.in_channels:
@@ -226,7 +228,7 @@ class UNet(nn.Module):
             raise FewstepError(f"UNet with pixel_unshuffle={u} needs H and W divisible by {u}, "
                                f"got {tuple(x_in.shape[2:])}")
         n = x_in.shape[0]
-        emb = self.embed(c_noise.reshape(n), labels, guidance)
+        emb = self.embed(c_noise.reshape(n), labels, guidance, path)
         x = x_in.to(self.conv_in.weight.dtype)
         if u > 1:
             x = F.pixel_unshuffle(x, u)
@@ -243,11 +245,12 @@ class UNet(nn.Module):
         return self._encode(x_in, c_noise, labels)[0]
 
     def forward(self, x_in: torch.Tensor, c_noise: torch.Tensor, labels: torch.Tensor | None = None,
-                guidance=None, *, return_features: bool = False):
+                guidance=None, *, return_features: bool = False, path=None):
         """``F(x_in, c_noise)``; with ``return_features`` also the down path's output (see
-        :meth:`encoder_features`) from the same pass; ``guidance``: κ of a guidance-conditioned net."""
+        :meth:`encoder_features`) from the same pass; ``guidance``: κ of a guidance-conditioned net;
+        ``path``: σ_p of a path-conditioned net (BOOT)."""
         u = self.config.pixel_unshuffle
-        h, skips, emb = self._encode(x_in, c_noise, labels, guidance)
+        h, skips, emb = self._encode(x_in, c_noise, labels, guidance, path)
         feats = h
         for blk in self.mid:
             h = blk(h, emb)
