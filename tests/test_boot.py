@@ -254,3 +254,131 @@ def test_a_two_head_network_takes_the_path_input_through_its_backbone():
     with torch.no_grad():
         student.net.inner.embed.path.weight.normal_()
     assert (student(x, s, path=3.0) - student(x, s)).abs().max() > 1e-4
+
+
+# ---- proposed by the review of BOOT/SDS (mutation testing) -------------------------------------------------
+
+def conditional_network_teacher():
+    """A class-conditional network teacher (3 classes, label 3 = none) as a FewstepModel, and its denoiser."""
+    net, den = perturbed_conditional_denoiser(0.3, num_classes=3)
+    model = FewstepModel(den, {"type": "denoiser", "net": net, "precond": {"name": "edm", "sigma_data": 0.5},
+                               "data": {"kind": "points", "sample_shape": [2], "num_classes": 3, "name": "x"}})
+    return model, den
+
+
+def path_student(den, scale=0.5):
+    """``den`` with a path input whose weights are not zero (so σ_p matters), as BOOT's student is once trained."""
+    student = with_new_input(den, "path_embedding", "x", "y")
+    with torch.no_grad():
+        student.net.embed.path.weight.normal_(0, scale)
+    return student
+
+
+def test_the_targets_student_pass_is_in_eval_mode_and_the_prediction_in_train_mode():
+    """y*_{n+1} = step(g_eval(ε, σ_n)): the target starts from the function that is sampled (dropout off), the
+    prediction is the training pass (dropout on), and the student is left in the mode it was in."""
+    teacher = exact_teacher().denoiser
+    torch.manual_seed(0)
+    den = EDMPrecond(build_net({**NET, "dropout": 0.5}))
+    with torch.no_grad():
+        for p in den.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    student = path_student(den).train()
+    sigmas = boot_sigmas(6)
+    n = 64
+    eps = torch.randn(n, 2)
+    index = torch.arange(n) % 5 + 1  # bootstrapped rows only: each reads the student at σ_n
+    with torch.no_grad():  # the precondition: dropout changes this student's output
+        assert (boot_signal(student, eps, sigmas[index], 2.5) - boot_signal(student, eps, sigmas[index], 2.5)
+                ).abs().max() > 1e-3
+    per, info = boot_loss(student, teacher, eps, sigmas, index=index, solver="euler")
+    assert student.training
+    with torch.no_grad():
+        student.eval()
+        y_n, y_next = boot_signal(student, eps, sigmas[index], 2.5), boot_signal(student, eps, sigmas[index + 1], 2.5)
+        student.train()
+        target = signal_step(teacher, y_n, eps, sigmas[index], sigmas[index + 1], solver="euler")
+    torch.testing.assert_close(info["target"], target)
+    assert (info["pred"].detach() - y_next).abs().max() > 1e-3  # the prediction has dropout
+
+
+@pytest.mark.parametrize("solver", ["heun", "euler"])
+def test_each_rows_loss_depends_only_on_its_own_noise_label_and_step(solver):
+    """Rows are independent: in a batch mixing boundary rows (no student pass), bootstrapped rows and last steps
+    (Euler into σ = 0, no Heun correction), every row's loss and target are those it has alone, with its own label
+    in the student's target pass and in the teacher's second (Heun) evaluation."""
+    _, teacher = conditional_network_teacher()
+    _, den = perturbed_conditional_denoiser(0.2, num_classes=3)
+    student = path_student(den).eval()
+    sigmas = boot_sigmas(4)
+    torch.manual_seed(6)
+    eps = torch.randn(8, 2)
+    index = torch.tensor([0, 2, 3, 1, 0, 3, 2, 1])  # rows read the student and take Heun at different places
+    labels = torch.tensor([0, 1, 2, 0, 1, 2, 1, 0])
+    per, info = boot_loss(student, teacher, eps, sigmas, labels, solver=solver, index=index)
+    for i in range(8):
+        one, one_info = boot_loss(student, teacher, eps[i:i + 1], sigmas, labels[i:i + 1], solver=solver,
+                                  index=index[i:i + 1])
+        torch.testing.assert_close(per[i:i + 1], one, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(info["target"][i:i + 1], one_info["target"], rtol=1e-4, atol=1e-6)
+    other = boot_loss(student, teacher, eps, sigmas, (labels + 1) % 3, solver=solver, index=index)[0]
+    assert (other - per).abs().max() > 1e-3  # the labels matter here, so the check above has teeth
+
+
+def test_the_grid_step_is_drawn_uniformly_over_every_step_the_boundary_and_the_last_included():
+    """n ~ U{0, …, N−1}: each of the N steps in 1/N of the rows (within five standard errors), σ_{n+1} read at n + 1."""
+    class Zero(nn.Module):
+        def forward(self, x_in, sigma, labels=None, path=None):
+            return torch.zeros_like(x_in)
+
+    teacher = exact_teacher().denoiser
+    steps, m = 5, 5000
+    sigmas = boot_sigmas(steps)
+    torch.manual_seed(8)
+    _, info = boot_loss(Zero(), teacher, torch.randn(m, 2), sigmas, solver="euler")
+    index = info["index"]
+    assert int(index.min()) >= 0 and int(index.max()) <= steps - 1
+    counts = torch.bincount(index, minlength=steps).double()
+    p = 1 / steps
+    assert ((counts - m * p).abs() <= 5 * (m * p * (1 - p)) ** 0.5).all(), counts
+    torch.testing.assert_close(info["sigma_next"], sigmas[index + 1])
+
+
+def test_the_method_hands_its_guided_teacher_labels_and_settings_to_the_loss(monkeypatch):
+    """BOOT.loss draws labels of the student's classes, guides the teacher by κ (κ·D(x|c) + (1 − κ)·D(x|∅)) and
+    passes its σ_init, solver and boundary weight on."""
+    import fewstep.methods.boot as boot_mod
+
+    teacher, den = conditional_network_teacher()
+    cfg = BOOTConfig(steps=4, guidance=2.5, sigma_init=1.7, boundary_weight=0.3, solver="euler")
+    method = BOOT.create(cfg, teacher=teacher)
+    method.batch_size = 16
+    seen = {}
+    real = boot_mod.boot_loss
+
+    def spy(student, teacher, noise, sigmas, labels=None, **kw):
+        seen.update(teacher=teacher, labels=labels, kw=kw)
+        return real(student, teacher, noise, sigmas, labels, **kw)
+
+    monkeypatch.setattr(boot_mod, "boot_loss", spy)
+    loss, _ = method.loss(None)
+    assert torch.isfinite(loss)
+    labels = seen["labels"]
+    assert labels is not None and labels.shape == (16,) and 0 <= int(labels.min()) and int(labels.max()) < 3
+    assert (seen["kw"]["sigma_init"], seen["kw"]["solver"], seen["kw"]["boundary_weight"]) == (1.7, "euler", 0.3)
+    torch.manual_seed(9)
+    x, s = torch.randn(16, 2), torch.rand(16) * 3 + 0.1
+    with torch.no_grad():
+        d_c, d_u = den(x, s, labels), den(x, s, torch.full_like(labels, 3))
+        torch.testing.assert_close(seen["teacher"](x, s, labels), d_u + 2.5 * (d_c - d_u))
+
+
+def test_guidance_with_an_unconditional_init_names_the_init_and_a_negative_path_level_is_refused():
+    teacher, _ = conditional_network_teacher()
+    plain = init_model(exact_teacher())  # unconditional: the student would draw no labels
+    with pytest.raises(FewstepError, match="--init is unconditional"):
+        BOOT.create(BOOTConfig(guidance=3.0), teacher=teacher, init=plain)
+    _, den = perturbed_conditional_denoiser(0.3, num_classes=0)
+    student = with_new_input(den, "path_embedding", "x", "y")
+    with pytest.raises(FewstepError, match="must be >= 0"):
+        student(torch.randn(4, 2), torch.ones(4), path=torch.tensor([0.0, 1.0, -0.7, 2.0]))

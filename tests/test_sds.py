@@ -9,9 +9,10 @@ from fewstep.diffusion.mixture import GaussianMixture
 from fewstep.errors import FewstepError
 from fewstep.methods.diff_instruct import diff_instruct_generator_loss
 from fewstep.methods.sds import SDS, SDSConfig, sds_loss
-from fewstep.model import load_model, mixture_model
+from fewstep.model import FewstepModel, load_model, mixture_model
 
-from step_helpers import NET, init_model, straight_and_resumed, three_mode_mixture, train_config
+from step_helpers import (NET, init_model, perturbed_conditional_denoiser, straight_and_resumed, three_mode_mixture,
+                          train_config)
 
 
 class Identity(torch.nn.Module):
@@ -110,3 +111,49 @@ def test_a_killed_sds_run_resumes_exactly(tmp_path):
     full, resumed = straight_and_resumed(make, cfg, tmp_path)
     for k, v in full.G.state_dict().items():
         torch.testing.assert_close(resumed.G.state_dict()[k], v, rtol=0, atol=0)
+
+
+# ---- proposed by the review of BOOT/SDS (mutation testing) -------------------------------------------------
+
+def test_the_noise_levels_are_log_normal_with_the_given_parameters():
+    """σ drawn by sds_loss: ln σ ~ N(p_mean, p_std²) for the p_mean, p_std it is given (within four standard errors),
+    and x_σ = x + σ·ε with each sample's own σ."""
+    teacher = mixture_model("ring8").denoiser
+    torch.manual_seed(0)
+    m, p_mean, p_std = 20000, 0.5, 0.3
+    x = torch.randn(m, 2, requires_grad=True)
+    noise = torch.randn(m, 2)
+    _, info = sds_loss(x, teacher, noise=noise, p_mean=p_mean, p_std=p_std)
+    ln = info["sigma"].log().double()
+    assert abs(float(ln.mean()) - p_mean) < 4 * p_std / m**0.5, float(ln.mean())
+    assert abs(float(ln.std()) - p_std) < 4 * p_std / (2 * m) ** 0.5, float(ln.std())
+    torch.testing.assert_close(info["x_t"], x.detach() + info["sigma"][:, None] * noise)
+
+
+def test_the_method_hands_its_guided_teacher_labels_and_sigma_law_to_sds_and_sums_the_loss(monkeypatch):
+    """SDS.loss: labels of the teacher's classes, the teacher guided by κ (κ·D(x|c) + (1 − κ)·D(x|∅)), its p_mean and
+    p_std, and the per-sample losses summed and scaled by loss_scale/batch (a loss of 1 per sample gives loss_scale)."""
+    import fewstep.methods.sds as sds_mod
+
+    net, den = perturbed_conditional_denoiser(0.3, num_classes=3)
+    teacher = FewstepModel(den, {"type": "denoiser", "net": net, "precond": {"name": "edm", "sigma_data": 0.5},
+                                 "data": {"kind": "points", "sample_shape": [2], "num_classes": 3, "name": "x"}})
+    m = SDS.create(SDSConfig(guidance=2.5, p_mean=0.4, p_std=0.6, loss_scale=7.0), teacher=teacher)
+    m.batch_size = 16
+    seen = {}
+
+    def spy(x, teacher, labels=None, **kw):
+        seen.update(teacher=teacher, labels=labels, kw=kw)
+        return x.flatten(1).sum(1) * 0 + 1.0, {"y_real": torch.zeros_like(x)}
+
+    monkeypatch.setattr(sds_mod, "sds_loss", spy)
+    loss, _ = m.loss(None)
+    assert float(loss.detach()) == pytest.approx(7.0)
+    assert (seen["kw"]["p_mean"], seen["kw"]["p_std"]) == (0.4, 0.6)
+    labels = seen["labels"]
+    assert labels is not None and labels.shape == (16,) and 0 <= int(labels.min()) and int(labels.max()) < 3
+    torch.manual_seed(9)
+    x, s = torch.randn(16, 2), torch.rand(16) * 3 + 0.1
+    with torch.no_grad():
+        d_c, d_u = den(x, s, labels), den(x, s, torch.full_like(labels, 3))
+        torch.testing.assert_close(seen["teacher"](x, s, labels), d_u + 2.5 * (d_c - d_u))

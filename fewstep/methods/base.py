@@ -130,6 +130,18 @@ def student_data_info(teacher, init=None) -> DataInfo:
     return info
 
 
+def check_guidance_classes(guidance: float, teacher, info: DataInfo) -> None:
+    """Refuse a teacher guidance scale κ ≠ 1 when the student draws no labels: say whether the teacher or
+    ``--init`` is the unconditional one."""
+    if guidance == 1.0 or info.num_classes > 0:
+        return
+    if teacher.data_info.num_classes == 0:
+        raise FewstepError(f"--guidance {guidance:g} needs a class-conditional teacher; this one is unconditional")
+    raise FewstepError(f"--guidance {guidance:g} guides the teacher's class-conditional predictions, but --init is "
+                       "unconditional, so the student draws no labels: leave --guidance out, or pass an --init with "
+                       "the teacher's classes")
+
+
 def check_sigma_range(teacher_denoiser: nn.Module, *, sigma_min: float | None = None,
                       sigma_max: float | None = None, grid: str = "grid") -> None:
     """Refuse a σ grid that leaves the range of a teacher on a discrete ᾱ table (a diffusers UNet's

@@ -49,8 +49,8 @@ from ..diffusion.denoiser import append_dims, karras_sigmas
 from ..diffusion.samplers import to_d
 from ..errors import FewstepError
 from ..model import FewstepModel
-from .base import DataInfo, Method, Phase, check_sigma_range, initial_network, register_method, student_data_info
-from .base import with_new_input
+from .base import (DataInfo, Method, Phase, check_guidance_classes, check_sigma_range, initial_network,
+                   register_method, student_data_info, with_new_input)
 from .fake_score import eval_mode, guided
 
 SOLVERS = ("heun", "euler")
@@ -191,9 +191,7 @@ class BOOT(Method):
         """The student is the teacher's network (or ``init``'s) with a zero-initialised path input."""
         check_sigma_range(teacher.denoiser, sigma_min=config.sigma_min, sigma_max=config.sigma_max)
         info = student_data_info(teacher, init)
-        if config.guidance != 1.0 and info.num_classes == 0:
-            raise FewstepError(f"--guidance {config.guidance:g} needs a class-conditional teacher; this one is "
-                               "unconditional")
+        check_guidance_classes(config.guidance, teacher, info)
         if init is not None and init.is_generator and not getattr(init.denoiser, "path_embedding", False):
             raise FewstepError("--init is a one-step generator without a path input (not a BOOT student): BOOT's "
                                "student must predict the whole path; start it from a denoiser or a BOOT student")

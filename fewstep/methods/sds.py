@@ -33,9 +33,9 @@ from torch import nn
 
 from ..config import require
 from ..diffusion.denoiser import append_dims, sample_edm_sigma
-from ..errors import FewstepError
 from ..model import FewstepModel, one_step_generate
-from .base import DataInfo, Method, Phase, initial_network, register_method, student_data_info
+from .base import (DataInfo, Method, Phase, check_guidance_classes, initial_network, register_method,
+                   student_data_info)
 from .fake_score import finite_rows, guided, set_dropout
 
 
@@ -108,9 +108,7 @@ class SDS(Method):
     def create(cls, config: SDSConfig, *, teacher: FewstepModel, dataset=None, init: FewstepModel | None = None):
         """The generator starts from the teacher's weights (or ``init``'s, e.g. another one-step student)."""
         info = student_data_info(teacher, init)
-        if config.guidance != 1.0 and info.num_classes == 0:
-            raise FewstepError(f"--guidance {config.guidance:g} needs a class-conditional teacher; this one is "
-                               "unconditional")
+        check_guidance_classes(config.guidance, teacher, info)
         G = initial_network(cls.name, teacher, init)
         if config.dropout is not None:
             set_dropout(G, config.dropout)

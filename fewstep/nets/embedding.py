@@ -125,8 +125,13 @@ def _per_sample(value, n: int, what: str) -> torch.Tensor:
 
 
 def resolve_path(path, n: int) -> torch.Tensor:
-    """A path noise level σ_p (a number or a ``[n]`` tensor, >= 0) as a float tensor ``[n]``."""
-    return _per_sample(path, n, "the path noise level")
+    """A path noise level σ_p (a number or a ``[n]`` tensor, >= 0) as a float tensor ``[n]`` (the sign is checked
+    on CPU tensors: a device-side check would force a synchronisation)."""
+    p = _per_sample(path, n, "the path noise level")
+    if p.device.type == "cpu" and p.numel() and bool((p < 0).any()):
+        raise FewstepError(f"the path noise level σ_p must be >= 0 (0 = the data end of the path), got values down "
+                           f"to {float(p.min()):g}")
+    return p
 
 
 def resolve_guidance(guidance, n: int) -> torch.Tensor:
