@@ -55,14 +55,11 @@ def rms_to_teacher(models: dict, n: int, seeds) -> dict:
     from fewstep.model import load_model
 
     teacher = load_model(SHIPPED / DATA)
+    ref = {s: teacher.sample(n, seed=s, sampler="heun", steps=18).x for s in seeds}
     out = {}
     for label, path in models.items():
         student = load_model(path)
-        by_seed = {}
-        for s in seeds:
-            a = student.sample(n, seed=s).x
-            b = teacher.sample(n, seed=s, sampler="heun", steps=18).x
-            by_seed[str(s)] = float((a - b).pow(2).mean().sqrt())
+        by_seed = {str(s): float((student.sample(n, seed=s).x - ref[s]).pow(2).mean().sqrt()) for s in seeds}
         out[label] = {"by_seed": by_seed, "mean": sum(by_seed.values()) / len(by_seed)}
         print(label, "RMS to the teacher's samples", [round(v, 4) for v in by_seed.values()], flush=True)
     return out

@@ -203,6 +203,12 @@ class Method(abc.ABC):
     def phases(self) -> list[Phase]:
         """The ordered update phases of one iteration."""
 
+    def draw_labels(self, n: int) -> torch.Tensor | None:
+        """``n`` class labels uniform over the student's classes (``None`` for an unconditional student), for
+        data-free methods."""
+        k = self.data_info.num_classes
+        return torch.randint(0, k, (n,), device=self.device) if k > 0 else None
+
     def images_per_iteration(self, batch_size: int) -> int:
         """Images the method consumes (data) or generates per iteration and process."""
         return batch_size

@@ -46,14 +46,12 @@ from torch import nn
 
 from ..config import require
 from ..diffusion.denoiser import append_dims, karras_sigmas
-from ..diffusion.samplers import to_d
 from ..errors import FewstepError
 from ..model import FewstepModel
 from .base import (DataInfo, Method, Phase, check_guidance_classes, check_sigma_range, initial_network,
                    register_method, student_data_info, with_new_input)
+from .cd import SOLVERS, teacher_ode_step
 from .fake_score import eval_mode, guided
-
-SOLVERS = ("heun", "euler")
 
 
 # ---------------------------------------------------------------------------
@@ -75,29 +73,17 @@ def boot_signal(student: nn.Module, noise: torch.Tensor, sigma_path, sigma_init:
     return student(sigma_init * noise, s0, labels, path=sigma_path)
 
 
-@torch.no_grad()
 def signal_step(teacher: nn.Module, y: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor,
                 sigma_next: torch.Tensor, labels=None, solver: str = "heun") -> torch.Tensor:
     """One teacher ODE step of the signal y from σ to σ' (per sample ``[N]``, σ > σ' >= 0) along the path of ``noise``.
 
-    The step is taken on x = y + σ·ε and mapped back, y' = x' − σ'·ε. Euler: x' = x + (σ' − σ)·d, which in y is
-    y + δ·(D − y) with δ = 1 − σ'/σ. Heun adds the EDM sampler's second-order correction where σ' > 0 (Euler
-    into σ' = 0, as the sampler does).
+    The step (:func:`fewstep.methods.cd.teacher_ode_step`) is taken on x = y + σ·ε and mapped back, y' = x' − σ'·ε.
+    Euler: x' = x + (σ' − σ)·d, which in y is y + δ·(D − y) with δ = 1 − σ'/σ. Heun adds the EDM sampler's
+    second-order correction where σ' > 0 (Euler into σ' = 0, as the sampler does). No gradient.
     """
-    if solver not in SOLVERS:
-        raise FewstepError(f"unknown solver {solver!r}; choose one of {SOLVERS}")
     nd = y.ndim
     x = y + append_dims(sigma, nd) * noise
-    h = append_dims(sigma_next - sigma, nd)
-    d = to_d(x, sigma, teacher(x, sigma, labels).to(x.dtype))
-    x_next = x + h * d
-    if solver == "heun":
-        rows = (sigma_next > 0).nonzero().flatten()
-        if rows.numel():
-            xe, se = x_next[rows], sigma_next[rows]
-            d2 = to_d(xe, se, teacher(xe, se, labels[rows] if labels is not None else None).to(x.dtype))
-            x_next = x_next.index_copy(0, rows, x[rows] + h[rows] * (d[rows] + d2) / 2)
-    return x_next - append_dims(sigma_next, nd) * noise
+    return teacher_ode_step(teacher, x, sigma, sigma_next, labels, solver) - append_dims(sigma_next, nd) * noise
 
 
 def boot_loss(student: nn.Module, teacher: nn.Module, noise: torch.Tensor, sigmas: torch.Tensor, labels=None, *,
@@ -204,10 +190,6 @@ class BOOT(Method):
     def build_optimizers(self):
         c = self.config
         return {"student": torch.optim.Adam(self.student.parameters(), lr=c.lr, betas=tuple(c.betas))}
-
-    def draw_labels(self, n: int) -> torch.Tensor | None:
-        k = self.data_info.num_classes
-        return torch.randint(0, k, (n,), device=self.device) if k > 0 else None
 
     def loss(self, batch):
         c, n = self.config, self.batch_size

@@ -62,18 +62,23 @@ def teacher_ode_step(teacher: nn.Module, x: torch.Tensor, sigma: torch.Tensor, s
                      labels=None, solver: str = "heun") -> torch.Tensor:
     """One step of the teacher's probability-flow ODE dx/dσ = (x − D(x, σ))/σ from σ to σ' (per-sample ``[N]``).
 
-    Euler: x' = x + (σ' − σ)·d. Heun (EDM's Algorithm 1, σ' > 0): x' = x + (σ' − σ)·(d + d')/2 with d' the
-    derivative at the Euler point — the reference's ``heun_solver``.
+    Euler: x' = x + (σ' − σ)·d. Heun (EDM's Algorithm 1): x' = x + (σ' − σ)·(d + d')/2 with d' the
+    derivative at the Euler point — the reference's ``heun_solver`` — on the rows with σ' > 0; rows going into
+    σ' = 0 take the Euler step, as EDM's sampler does (CD's grid ends at σ_min; BOOT's ends at 0).
     """
+    if solver not in SOLVERS:
+        raise FewstepError(f"unknown solver {solver!r}; choose one of {SOLVERS}")
     h = append_dims(sigma_next - sigma, x.ndim)
     d = to_d(x, sigma, teacher(x, sigma, labels).to(x.dtype))
-    x_euler = x + h * d
+    x_next = x + h * d
     if solver == "euler":
-        return x_euler
-    if solver != "heun":
-        raise FewstepError(f"unknown solver {solver!r}; choose one of {SOLVERS}")
-    d_next = to_d(x_euler, sigma_next, teacher(x_euler, sigma_next, labels).to(x.dtype))
-    return x + h * (d + d_next) / 2
+        return x_next
+    rows = (sigma_next > 0).nonzero().flatten()
+    if rows.numel():
+        xe, se = x_next[rows], sigma_next[rows]
+        d2 = to_d(xe, se, teacher(xe, se, labels[rows] if labels is not None else None).to(x.dtype))
+        x_next = x_next.index_copy(0, rows, x[rows] + h[rows] * (d[rows] + d2) / 2)
+    return x_next
 
 
 def pseudo_huber_c(sample_shape) -> float:

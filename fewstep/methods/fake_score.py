@@ -117,6 +117,17 @@ def finite_rows(*tensors: torch.Tensor) -> torch.Tensor:
     return mask
 
 
+def keep_finite_rows(x_g: torch.Tensor, *outputs: torch.Tensor) -> torch.Tensor:
+    """The rows of a generator batch finite in ``x_g`` and in every output (:func:`finite_rows`). A dropped row's
+    gradient would be 0·NaN = NaN and reach every weight of G through its backward (and the loop would zero the
+    whole step): its gradient at x_g is zeroed by a hook."""
+    keep = finite_rows(x_g, *outputs)
+    if not keep.all() and x_g.requires_grad:
+        mask = append_dims(keep, x_g.ndim)
+        x_g.register_hook(lambda g: torch.where(mask, g, torch.zeros_like(g)))
+    return keep
+
+
 @contextlib.contextmanager
 def eval_mode(net: nn.Module):
     """``net`` in eval mode (dropout off) inside the block, its previous mode restored after."""
@@ -177,10 +188,6 @@ class FakeScoreMethod(Method):
         return cls(config, teacher.denoiser, G, fake, student_data_info(teacher, init))
 
     # ---- pieces ---------------------------------------------------------------------------
-    def draw_labels(self, n: int) -> torch.Tensor | None:
-        k = self.data_info.num_classes
-        return torch.randint(0, k, (n,), device=self.device) if k > 0 else None
-
     def generate(self, n: int, labels=None, *, grad: bool) -> torch.Tensor:
         """x_g = G(σ_init·z, σ_init) (G in train mode: the fake score learns the distribution of the
         x_g that the generator loss sees; the reference samples this batch in eval mode, which was
@@ -257,12 +264,7 @@ class FakeScoreMethod(Method):
         k = self.data_info.num_classes
         per, info = self.per_sample_loss(x_g, guided(self.teacher, c.guidance_teacher, k),
                                          guided(self.fake, c.guidance_fake, k), labels)
-        keep = finite_rows(x_g, info["y_real"], info["y_fake"])
-        if not keep.all() and x_g.requires_grad:
-            # the dropped rows' gradient is 0·NaN = NaN, which would reach every weight of G through
-            # its backward (and the loop would zero the whole step): zero those rows' gradient at x_g
-            mask = append_dims(keep, x_g.ndim)
-            x_g.register_hook(lambda g: torch.where(mask, g, torch.zeros_like(g)))
+        keep = keep_finite_rows(x_g, info["y_real"], info["y_fake"])
         loss = per[keep].sum() * (c.loss_scale / self.batch_size)
         info = {"nan_samples/generator": int((~keep).sum())}
         if c.t_max_end is not None:  # the annealed σ range, in the stats

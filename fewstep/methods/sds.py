@@ -36,7 +36,7 @@ from ..diffusion.denoiser import append_dims, sample_edm_sigma
 from ..model import FewstepModel, one_step_generate
 from .base import (DataInfo, Method, Phase, check_guidance_classes, initial_network, register_method,
                    student_data_info)
-from .fake_score import finite_rows, guided, set_dropout
+from .fake_score import guided, keep_finite_rows, set_dropout
 
 
 def sds_loss(x: torch.Tensor, teacher: nn.Module, labels=None, *, sigma: torch.Tensor | None = None,
@@ -120,14 +120,11 @@ class SDS(Method):
 
     def loss(self, batch):
         c, n, k = self.config, self.batch_size, self.data_info.num_classes
-        labels = torch.randint(0, k, (n,), device=self.device) if k > 0 else None
+        labels = self.draw_labels(n)
         z = torch.randn((n,) + tuple(self.data_info.sample_shape), device=self.device)
         x_g = one_step_generate(self.G, z, c.sigma_init, labels)
         per, info = sds_loss(x_g, guided(self.teacher, c.guidance, k), labels, p_mean=c.p_mean, p_std=c.p_std)
-        keep = finite_rows(x_g, info["y_real"])
-        if not keep.all():  # a NaN row's gradient would reach every weight of G: zero it at x_g
-            mask = append_dims(keep, x_g.ndim)
-            x_g.register_hook(lambda g: torch.where(mask, g, torch.zeros_like(g)))
+        keep = keep_finite_rows(x_g, info["y_real"])
         return per[keep].sum() * (c.loss_scale / n), {"nan_samples/generator": int((~keep).sum())}
 
     def phases(self):

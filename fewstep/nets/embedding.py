@@ -59,6 +59,21 @@ class FourierEmbedding(nn.Module):
         return torch.cat([arg.cos(), arg.sin()], dim=1)
 
 
+class ScalarInput(nn.Linear):
+    """An extra scalar input of a network: the positional embedding of the scalar through a zero-initialised
+    linear layer (so a net given one computes what it did before until trained). Its parameters are the
+    layer's own, ``weight`` and ``bias``."""
+
+    def __init__(self, channels: int):
+        super().__init__(channels, channels)
+        self.freqs = PositionalEmbedding(channels)
+        nn.init.zeros_(self.weight)
+        nn.init.zeros_(self.bias)
+
+    def forward(self, c: torch.Tensor) -> torch.Tensor:
+        return super().forward(self.freqs(c))
+
+
 class ConditionEmbedding(nn.Module):
     """``(c_noise [N], labels [N] | None) → emb [N, out_channels]``.
 
@@ -76,18 +91,8 @@ class ConditionEmbedding(nn.Module):
         self.noise = (PositionalEmbedding(channels) if embedding == "positional"
                       else FourierEmbedding(channels, fourier_scale))
         self.label = nn.Embedding(self.num_classes + 1, channels) if self.num_classes else None
-        self.guidance = None
-        if guidance:
-            self.guidance_freqs = PositionalEmbedding(channels)
-            self.guidance = nn.Linear(channels, channels)
-            nn.init.zeros_(self.guidance.weight)
-            nn.init.zeros_(self.guidance.bias)
-        self.path = None
-        if path:
-            self.path_freqs = PositionalEmbedding(channels)
-            self.path = nn.Linear(channels, channels)
-            nn.init.zeros_(self.path.weight)
-            nn.init.zeros_(self.path.bias)
+        self.guidance = ScalarInput(channels) if guidance else None
+        self.path = ScalarInput(channels) if path else None
         self.layer0 = nn.Linear(channels, out_channels)
         self.layer1 = nn.Linear(out_channels, out_channels)
 
@@ -98,13 +103,13 @@ class ConditionEmbedding(nn.Module):
             emb = emb + self.label(resolve_labels(labels, self.num_classes, emb.shape[0], emb.device))
         if self.guidance is not None:  # w = κ − 1; no κ given = κ 1, the plain conditional prediction
             w = torch.zeros_like(emb[:, 0]) if guidance is None else resolve_guidance(guidance, emb.shape[0]) - 1
-            emb = emb + self.guidance(self.guidance_freqs(w.to(emb.device)))
+            emb = emb + self.guidance(w.to(emb.device))
         elif guidance is not None:
             raise FewstepError("this network has no guidance input (it was not made by guidance distillation): "
                                "sample it with classifier-free guidance (CFGDenoiser, `--guidance`) instead")
         if self.path is not None:  # σ_p = 0 (the data end) unless given
             sp = torch.zeros_like(emb[:, 0]) if path is None else resolve_path(path, emb.shape[0]).to(emb.device)
-            emb = emb + self.path(self.path_freqs(torch.log1p(sp / PATH_SIGMA_DATA)))
+            emb = emb + self.path(torch.log1p(sp / PATH_SIGMA_DATA))
         elif path is not None:
             raise FewstepError("this network has no path input (it was not made by BOOT): it takes x and σ only")
         emb = F.silu(self.layer0(emb.to(self.layer0.weight.dtype)))
