@@ -47,17 +47,18 @@ def run_cd(minutes: float) -> dict:
     return {"distill": info, "student_checkpoint": _ship_student(run, "cd-digits"), "curve": curve}
 
 
-def run_mixture(minutes: float) -> dict:
-    """CD on the exact ring8 teacher: exact log-likelihood and mode coverage of its 1-, 2- and 4-step samples
-    against the teacher's 35-NFE Heun samples (same n and noise seed)."""
-    run = RUNS / f"cd-mixture-{MIXTURE}"
+def run_mixture(minutes: float, method: str = "cd", options=MIXTURE_OPTIONS, label: str = "CD") -> dict:
+    """A consistency model (``method``: cd, or ct from benchmarks/ct.py) on the exact ring8 teacher or its data:
+    exact log-likelihood and mode coverage of its 1-, 2- and 4-step samples against the teacher's 35-NFE Heun
+    samples (same n and noise seed)."""
+    run = RUNS / f"{method}-mixture-{MIXTURE}"
     shutil.rmtree(run, ignore_errors=True)
-    info = _distill("cd", f"mixture:{MIXTURE}", run, minutes, "--init", str(SHIPPED / MIXTURE_INIT), *MIXTURE_OPTIONS)
+    info = _distill(method, f"mixture:{MIXTURE}", run, minutes, "--init", str(SHIPPED / MIXTURE_INIT), *options)
     rows = {"teacher (exact, Heun)": _pick(_eval(f"mixture:{MIXTURE}", MIXTURE_N, sampler="heun", steps=18))}
     for k in (1, 2, 4):
-        rows[f"CD ({k} step{'s' if k > 1 else ''})"] = _pick(_eval(run, MIXTURE_N, steps=k))
-    for label, r in rows.items():
-        print(label, r["nfe"], round(r["log_likelihood"], 4), r["mode_coverage"], flush=True)
+        rows[f"{label} ({k} step{'s' if k > 1 else ''})"] = _pick(_eval(run, MIXTURE_N, steps=k))
+    for name, r in rows.items():
+        print(name, r["nfe"], round(r["log_likelihood"], 4), r["mode_coverage"], flush=True)
     return {"mixture": MIXTURE, "distill": info, "n_samples": MIXTURE_N, "seed": 1, "rows": rows}
 
 

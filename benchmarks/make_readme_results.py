@@ -433,18 +433,66 @@ def sds_section(d: dict) -> list[str]:
     return out
 
 
-def cd_mixture_lines(d: dict) -> list[str]:
-    m = d.get("mixture")
+def cd_mixture_lines(d: dict, part: str = "mixture", label: str = "CD") -> list[str]:
+    m = d.get(part)
     if not m:
         return []
-    rows = [[label, r["nfe"], r["log_likelihood"], r["mode_coverage"], r["samples_per_second"]]
-            for label, r in m["rows"].items()]
+    rows = [[name, r["nfe"], r["log_likelihood"], r["mode_coverage"], r["samples_per_second"]]
+            for name, r in m["rows"].items()]
     di = m["distill"]
     return [f"On the exact mixture:{m['mixture']} teacher (CD from the shipped MLP as `--init`, {di['kimg']:.0f} kimg in "
             f"{di['train_seconds'] / 60:.3g} minutes; exact log-likelihood, n = {m['n_samples']}, noise seed "
-            f"{m['seed']}):", "",
+            f"{m['seed']}):" if label == "CD" else
+            f"On mixture:{m['mixture']} ({label} on its samples, from the shipped MLP as `--init`, {di['kimg']:.0f} "
+            f"kimg in {di['train_seconds'] / 60:.3g} minutes, side by side with the CD run below; exact "
+            f"log-likelihood, n = {m['n_samples']}, noise seed {m['seed']}):", "",
             _table(["model", "NFE", "log-likelihood", "modes covered", "samples/s"], rows), "",
-            f"Command: {_code(m['benchmark_command'])}; the distillation: {_code(di['command'])}.", ""]
+            f"Command: {_code(m['benchmark_command'])}; the {'distillation' if label == 'CD' else 'training'}: "
+            f"{_code(di['command'])}.", ""]
+
+
+def _at_steps(label: str) -> tuple[str, str]:
+    """("CD at 2 steps", label) from a table label such as "CD (2 steps)" (plain "CD" is one step)."""
+    name, _, rest = label.partition(" (")
+    return f"{name} at {rest.rstrip(')') or '1 step'}", label
+
+
+def _swing(curve: list[dict], label: str, after_kimg: float = 150.0) -> str:
+    """How far a run's in-run FD moves once it has levelled off: its range after ``after_kimg``."""
+    key = next(k for k in curve[0] if k.startswith("fd_") and "floor" not in k)
+    tail = [r[key] for r in curve if r["kimg"] >= after_kimg]
+    return f"after {after_kimg:g} kimg {label}'s ranges over {_fmt(min(tail))}–{_fmt(max(tail))}" if tail else ""
+
+
+def ct_section(d: dict) -> list[str]:
+    """Consistency training beside consistency distillation, same budget, one machine (benchmarks/ct.py)."""
+    t, ct, cd = d.get("table"), d.get("digits"), d.get("digits-cd")
+    out = []
+    if t and ct and cd:
+        di, ci = ct["distill"], cd["distill"]
+        means = {label: r["fd_mean"] for label, r in t["rows"].items()}
+        best = {m: min((k for k in means if k.split(" ")[0] == m), key=means.get) for m in ("CT", "CD")}
+        lead, other = (_at_steps(k) for k in sorted(best.values(), key=means.get))
+        out = ["### Consistency training beside consistency distillation", "",
+               f"CT (`fewstep distill ct` with its defaults: iCT's recipe, N doubling from 11 to 321 points over "
+               f"the first 100 kimg, the discretised log-normal pair law, λ = 1/Δσ, pseudo-Huber, no target EMA) and "
+               f"CD (the settings of the CD benchmark above), both from the shipped digits teacher's weights, run "
+               f"side by side on one machine, one core each, {di['train_seconds'] / 60:.3g} and "
+               f"{ci['train_seconds'] / 60:.3g} minutes of training; every model scored on the same noise seeds, "
+               f"n = {t['n_samples']}:", "", t["table"], "",
+               f"Best of each at equal wall-clock: {lead[0]} (mean FD {_fmt(means[lead[1]])}) against {other[0]} "
+               f"({_fmt(means[other[1]])}); the teacher {_fmt(means['teacher (Heun)'])}. CT saw "
+               f"{di['kimg'] / ci['kimg']:.2g}× CD's images: a CT iteration is one forward-backward of the student "
+               f"and one forward of the target, with no teacher evaluation (CD's Heun step takes two). "
+               f"FD against minutes of training (in-run, one step, seed 0): `{t.get('curve_plot', '')}`; "
+               f"{_swing(ct['curve'], 'CT')} and {_swing(cd['curve'], 'CD')}. "
+               f"Commands: {_code(ct['benchmark_command'])} and {_code(cd['benchmark_command'])} side by side, then "
+               f"{_code(t['benchmark_command'])}; the runs: {_code(di['command'])} and {_code(ci['command'])}. The "
+               f"CT student is committed in `{ct['student_checkpoint']}`.", ""]
+    if d.get("mixture"):
+        out += ([] if out else ["### Consistency training", ""]) + cd_mixture_lines(d, "mixture", "CT") \
+            + cd_mixture_lines(d, "mixture-cd", "CD")
+    return out
 
 
 def reflow_section(d: dict) -> list[str]:
@@ -634,6 +682,8 @@ def render(results: Path) -> str:
                 part = guidance_section(d)
             elif p.name == "boot.json":
                 part = boot_section(d)
+            elif p.name == "ct.json":
+                part = ct_section(d)
             elif p.name == "sds.json":
                 part = sds_section(d)
             elif p.name.startswith("progressive"):

@@ -286,6 +286,14 @@ IMAGE_RUNS["digits-fake-eval"] = {**IMAGE_RUNS["digits"], "options": IMAGE_RUNS[
 # that run 2.176 / 1.508 / 1.208 / 0.999 / 0.916): --lr-fake 2e-4 2.080 / 1.471 / 1.282 / 1.181 / 1.168; Adam β2
 # 0.99 for both networks 2.167 / 1.601 / 1.344 / 1.125 / 1.049 (both stopped). Images per second saturate at
 # batch 128 (one core: 2.65 ms per image for a fwd+bwd of the digits net at 128, 2.74 at 256 and 512).
+# 2026-12-02, seventeenth session, the slow machine (SiD 1.3 s per iteration at batch 128 on one core, two runs at a
+# time). Diff-Instruct with SiD's digits lr and batch (benchmarks/sds.py's run) is ahead of SiD per kimg (in-run FD,
+# seed 0, every 12 kimg: 2.244 / 1.538 / 1.243 / 1.088 at 12 / 24 / 36 / 48 kimg; the "digits" run 2.895 / 2.227 /
+# 1.72 / 1.435) and cheaper per iteration (no backward through the two networks). Is it the σ law? SiD with the
+# generator loss's σ log-normal (a trial script patching generator_draws; lr 1e-4, batch 128, 20-kimg EMA):
+# Diff-Instruct's ln σ ~ N(−1.2, 1.2²) 3.182 / 2.554 / 2.002 / 1.758, N(0, 1.2²) 2.619 / 1.931 / 1.581 / 1.437
+# (stopped at 48 kimg). So not the σ law: on digits SiD's gradient itself learns less per image early than
+# Diff-Instruct's.
 IMAGE_RUNS["digits-tmax-switch"] = {**IMAGE_RUNS["digits"], "lr": "5e-5",
                                     "options": ("--t-max-end", "500", "--t-max-anneal-kimg", "150,150")}
 IMAGE_RUNS["digits-reference"] = {**IMAGE_RUNS["digits"], "lr": "5e-5", "options": ()}
@@ -296,6 +304,11 @@ IMAGE_RUNS["digits-reference"] = {**IMAGE_RUNS["digits"], "lr": "5e-5", "options
 # slower (1.04 at 210, 0.87 at 276: so the clip is off by default); a 100× discriminator and 10× GAN weight is ahead
 # early (2.13 vs 2.19 at 60 kimg) but levels off (with the clip 0.92 from 240, 0.90 at 297; without 0.90 at 276).
 IMAGE_RUNS["digits-sida"] = {**IMAGE_RUNS["digits"], "method": "sida", "lr": "5e-5", "options": ("--fake-grad-clip", "0")}
+# "digits-di": Diff-Instruct with the "digits" run's batch, learning rates and budget (its own σ law and EMA
+# defaults), the family's per-kimg leader on digits early on (see the 2026-12-02 record above); its student is
+# committed as diff-instruct-digits-28min (benchmarks/sds.py has the 10-minute diff-instruct-digits).
+IMAGE_RUNS["digits-di"] = {**IMAGE_RUNS["digits"], "method": "diff-instruct", "options": (),
+                           "ship_as": "diff-instruct-digits-28min"}
 EXTRA_SEEDS = (2, 3)  # FD at n = 1000 moves by ~0.1 between noise seeds: student and teacher at these seeds too
 
 
@@ -331,8 +344,8 @@ def bench_images(name: str, minutes: float) -> dict:
            "curve": [{"kimg": r["kimg"], "train_seconds": r["train_seconds"], fd_key: r[fd_key]} for r in curve],
            "curve_seed": 0, "teacher_heun35_at_curve_seed": _pick(teacher_seed0),
            "curve_plot": str(plot.relative_to(ROOT)),
-           "student_checkpoint": _ship_student(run, f"sid-{name}") if name == data
-           else _ship_student(run, f"{method}-{data}") if method != "sid" else None}
+           "student_checkpoint": _ship_student(run, ship) if (ship := cfg.get("ship_as") or (
+               f"sid-{name}" if name == data else f"{method}-{data}" if method != "sid" else None)) else None}
     print(json.dumps({k: v for k, v in res.items() if k != "curve"}, indent=1), flush=True)
     return res
 

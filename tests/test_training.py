@@ -246,8 +246,10 @@ def test_ctrl_c_saves_the_state_where_it_stopped_and_the_run_resumes_exactly(tmp
     ref = subprocess.run(_cli(*args, "--out", str(tmp_path / "ref")), env=env, capture_output=True, text=True)
     assert ref.returncode == 0, ref.stderr
     run = tmp_path / "int"
+    # SIGINT at its default in the child, as at a terminal: a suite run as a background job (`pytest &`) hands its
+    # children SIGINT ignored, which Python, and so fewstep, then leaves ignored
     p = subprocess.Popen(_cli(*args, "--out", str(run)), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                         text=True)
+                         text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while time.time() < deadline and (not (run / "stats.jsonl").is_file()
                                       or len((run / "stats.jsonl").read_text().splitlines()) < 5):

@@ -81,6 +81,22 @@ def teacher_ode_step(teacher: nn.Module, x: torch.Tensor, sigma: torch.Tensor, s
     return x_next
 
 
+def random_state(device: torch.device):
+    """The CPU (and CUDA) random streams' state, for :func:`rewind`: a consistency model's target pass re-draws
+    the student pass's dropout masks, as the reference does by restoring the RNG state between the two."""
+    if device.type not in ("cpu", "cuda"):
+        raise FewstepError(f"consistency models share the student's dropout masks with the target by rewinding "
+                           f"the CPU and CUDA random streams; they train on cpu or cuda, not {device.type}")
+    return torch.get_rng_state(), (torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+
+
+def rewind(state, device: torch.device) -> None:
+    """Set the random streams back to ``state`` (from :func:`random_state`)."""
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
 def pseudo_huber_c(sample_shape) -> float:
     """iCT's constant c = 0.00054·√d for data of ``d`` dimensions."""
     return 0.00054 * math.sqrt(math.prod(int(v) for v in sample_shape))
@@ -119,16 +135,10 @@ def consistency_distillation_loss(student: nn.Module, target: nn.Module, teacher
         noise = torch.randn_like(x0)
     sigma, sigma_next = sigmas[index], sigmas[index + 1]
     x = x0 + append_dims(sigma, x0.ndim) * noise
-    if x0.device.type not in ("cpu", "cuda"):
-        raise FewstepError(f"consistency distillation shares the student's dropout masks with the target by rewinding "
-                           f"the CPU and CUDA random streams; it runs on cpu or cuda, not {x0.device.type}")
-    cpu_state = torch.get_rng_state()
-    cuda_state = torch.cuda.get_rng_state(x0.device) if x0.is_cuda else None
+    state = random_state(x0.device)
     f = student(x, sigma, labels)
     x_next = teacher_ode_step(teacher, x, sigma, sigma_next, labels, solver)
-    torch.set_rng_state(cpu_state)
-    if cuda_state is not None:
-        torch.cuda.set_rng_state(cuda_state, x0.device)
+    rewind(state, x0.device)
     with torch.no_grad():
         f_target = target(x_next, sigma_next, labels).to(f.dtype)
     per = consistency_distance(f.float(), f_target.float(), distance, huber_c)
@@ -223,8 +233,10 @@ class ConsistencyDistillation(Method):
 
     def loss(self, batch):
         x0, labels = batch
-        if self.data_info.num_classes == 0:
-            labels = None
+        return self.consistency_loss(x0, labels if self.data_info.num_classes else None)
+
+    def consistency_loss(self, x0: torch.Tensor, labels):
+        """The batch's loss and stats (CT overrides it with its own pair)."""
         c = self.config
         per, _ = consistency_distillation_loss(self.student, self.target, self.teacher, x0, self.sigmas, labels,
                                                solver=c.solver, distance=c.distance, huber_c=c.huber_c)
@@ -243,9 +255,13 @@ class ConsistencyDistillation(Method):
                 "data": self.data_info.to_dict(),
                 "sampling": {"sampler": "consistency", "steps": int(c.sample_steps), "schedule": "consistency",
                              "sigma_min": float(c.sigma_min), "sigma_max": float(c.sigma_max), "rho": float(c.rho)},
-                "provenance": {"method": self.name, "num_scales": int(c.num_scales), "solver": c.solver,
-                               "distance": c.distance}}
+                "provenance": self.provenance()}
+
+    def provenance(self) -> dict:
+        """What the exported config records of how the student was trained."""
+        c = self.config
+        return {"method": self.name, "num_scales": int(c.num_scales), "solver": c.solver, "distance": c.distance}
 
 
-__all__ = ["SOLVERS", "DISTANCES", "cd_sigmas", "teacher_ode_step", "pseudo_huber_c", "consistency_distance",
+__all__ = ["SOLVERS", "DISTANCES", "cd_sigmas", "teacher_ode_step", "random_state", "rewind", "pseudo_huber_c", "consistency_distance",
            "consistency_distillation_loss", "CDConfig", "ConsistencyDistillation"]
