@@ -292,8 +292,14 @@ IMAGE_RUNS["digits-fake-eval"] = {**IMAGE_RUNS["digits"], "options": IMAGE_RUNS[
 # 1.72 / 1.435) and cheaper per iteration (no backward through the two networks). Is it the σ law? SiD with the
 # generator loss's σ log-normal (a trial script patching generator_draws; lr 1e-4, batch 128, 20-kimg EMA):
 # Diff-Instruct's ln σ ~ N(−1.2, 1.2²) 3.182 / 2.554 / 2.002 / 1.758, N(0, 1.2²) 2.619 / 1.931 / 1.581 / 1.437
-# (stopped at 48 kimg). So not the σ law: on digits SiD's gradient itself learns less per image early than
-# Diff-Instruct's.
+# (stopped at 48 kimg). So not the σ law. The "digits" settings with SiD's loss and ω but the networks' inputs
+# detached (its gradient is then −(y_r − y_f)/ω: Diff-Instruct's direction under SiD's σ law and weighting; a
+# trial script passing through_networks=False; 1.0 s per iteration instead of 1.3) 2.975 / 2.270 / 1.837 / 1.536
+# at 6 / 12 / 18 / 24 kimg, 1.261 at 36, 0.979 at 60, 0.936 at 66 (SiD: 1.72 at 36, 1.26 at 60; Diff-Instruct
+# 0.949 at 60): on digits the terms through the networks' inputs are what slow SiD down early. "digits-di"
+# (Diff-Instruct, 28 minutes, below) fell to 0.686 at 138-144 kimg, then turned up (0.85-0.91 at 162-180) as SiD's
+# runs do, and ended at seeds 1/2/3 0.819 / 1.022 / 1.011 (mean 0.951; SiD on this machine, 28 minutes beside
+# BOOT: 1.011). Untried: a detached warm start (the faster early descent) then the full SiD loss.
 IMAGE_RUNS["digits-tmax-switch"] = {**IMAGE_RUNS["digits"], "lr": "5e-5",
                                     "options": ("--t-max-end", "500", "--t-max-anneal-kimg", "150,150")}
 IMAGE_RUNS["digits-reference"] = {**IMAGE_RUNS["digits"], "lr": "5e-5", "options": ()}
