@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, ROOT, RUNS, bench_main, read_curve  # noqa: E402
-from sid import SHIPPED, _distill, _eval, _pick, _ship_student, fd_rows_by_seed, side_by_side_sid  # noqa: E402
+from sid import SHIPPED, _distill, _eval, _pick, _ship_student, fd_rows_by_seed, fd_table, side_by_side_sid  # noqa: E402
 
 DATA, N, MINUTES, SEEDS = "digits", 1000, 28.0, (1, 2, 3)
 # BOOT's settings: the teacher's own sampler as the path (Heun, the 18-step Karras grid: its 35-NFE samples),
@@ -74,16 +74,11 @@ def table(results: dict) -> dict:
         rows["KD (committed, benchmarks/reflow.py)"] = (kd, {})
     out, key = fd_rows_by_seed(rows, N, SEEDS)
     rms = rms_to_teacher({k: v[0] for k, v in rows.items() if k != "teacher (Heun)"}, N, SEEDS)
-    lines = [f"| model | NFE | kimg | s per iteration | {key} (n = {N}) seeds {', '.join(map(str, SEEDS))} | mean | "
-             "RMS to the teacher's sample, mean |", "|---|---|---|---|---|---|---|"]
-    for label, r in out.items():
-        d = {"BOOT": results["digits"], "SiD": results["digits-sid"]}.get(label, {}).get("distill", {})
-        lines.append(f"| {label} | {r['nfe']} | {round(d['kimg']) if d else '–'} | "
-                     f"{round(d['sec_per_iter'], 2) if d else '–'} | "
-                     + " / ".join(f"{r['by_seed'][str(s)][key]:.3f}" for s in SEEDS) + f" | {r['fd_mean']:.3f} | "
-                     + (f"{rms[label]['mean']:.4f}" if label in rms else "–") + " |")
-    return {"fd_key": key, "n_samples": N, "seeds": list(SEEDS), "rows": out, "rms_to_teacher": rms,
-            "table": "\n".join(lines)}
+    runs = {"BOOT": results["digits"], "SiD": results["digits-sid"]}
+    table = fd_table(out, key, N, SEEDS, lambda label: runs.get(label, {}).get("distill", {}),
+                     extra=("RMS to the teacher's sample, mean",
+                            lambda label: f"{rms[label]['mean']:.4f}" if label in rms else "–"))
+    return {"fd_key": key, "n_samples": N, "seeds": list(SEEDS), "rows": out, "rms_to_teacher": rms, "table": table}
 
 
 def plot(results: dict) -> str:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, ROOT, RUNS, bench_main, read_curve  # noqa: E402
-from sid import SHIPPED, _distill, _eval, _pick, _ship_student, fd_rows_by_seed, side_by_side_sid  # noqa: E402
+from sid import SHIPPED, _distill, _eval, _pick, _ship_student, fd_rows_by_seed, fd_table, side_by_side_sid  # noqa: E402
 
 DATA, N, MINUTES, SEEDS = "digits", 1000, 28.0, (1, 2, 3)
 # CD's settings: the reference's N = 18, μ = 0.95 and Heun teacher steps; batch 128 as SiD's digits run; the
@@ -68,15 +68,9 @@ def table(results: dict) -> dict:
     rows = {"teacher (Heun)": (SHIPPED / DATA, {"sampler": "heun", "steps": 18}),
             "SiD": (sid, {}), "CD": (cd, {}), "CD (2 steps)": (cd, {"steps": 2}), "CD (4 steps)": (cd, {"steps": 4})}
     out, key = fd_rows_by_seed(rows, N, SEEDS)
-    lines = [f"| model | NFE | kimg | s per iteration | {key} (n = {N}) seeds {', '.join(map(str, SEEDS))} | mean |",
-             "|---|---|---|---|---|---|"]
-    for label, r in out.items():
-        d = (results["digits"] if label.startswith("CD") else results["digits-sid"] if label == "SiD" else {})
-        d = d.get("distill", {})
-        lines.append(f"| {label} | {r['nfe']} | {round(d['kimg']) if d else '–'} | "
-                     f"{round(d['sec_per_iter'], 2) if d else '–'} | "
-                     + " / ".join(f"{r['by_seed'][str(s)][key]:.3f}" for s in SEEDS) + f" | {r['fd_mean']:.3f} |")
-    return {"fd_key": key, "n_samples": N, "seeds": list(SEEDS), "rows": out, "table": "\n".join(lines)}
+    runs = {"CD": results["digits"], "SiD": results["digits-sid"]}
+    table = fd_table(out, key, N, SEEDS, lambda label: runs.get(label.split(" ")[0], {}).get("distill", {}))
+    return {"fd_key": key, "n_samples": N, "seeds": list(SEEDS), "rows": out, "table": table}
 
 
 def plot(results: dict) -> str:

@@ -24,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cd import CD_OPTIONS, EVAL_EVERY, MIXTURE_MINUTES, MIXTURE_OPTIONS, run_mixture  # noqa: E402
 from common import RESULTS, ROOT, RUNS, bench_main, read_curve  # noqa: E402
-from sid import SHIPPED, _distill, _eval, _ship_student, fd_rows_by_seed  # noqa: E402
+from sid import SHIPPED, _distill, _eval, _ship_student, fd_rows_by_seed, fd_table  # noqa: E402
 
 DATA, N, MINUTES, SEEDS = "digits", 1000, 28.0, (1, 2, 3)
 # CT's settings: iCT's recipe (N doubling from 11, the discretised log-normal pair law, λ = 1/Δσ, pseudo-Huber,
@@ -59,15 +59,9 @@ def table(results: dict) -> dict:
         for k in (1, 2, 4):
             rows[label if k == 1 else f"{label} ({k} steps)"] = (path, {} if k == 1 else {"steps": k})
     out, key = fd_rows_by_seed(rows, N, SEEDS)
-    lines = [f"| model | NFE | kimg | s per iteration | {key} (n = {N}) seeds {', '.join(map(str, SEEDS))} | mean |",
-             "|---|---|---|---|---|---|"]
-    for label, r in out.items():
-        part = {"CD": "digits-cd", "CT": "digits"}.get(label.split(" ")[0])
-        d = results[part]["distill"] if part else {}
-        lines.append(f"| {label} | {r['nfe']} | {round(d['kimg']) if d else '–'} | "
-                     f"{round(d['sec_per_iter'], 2) if d else '–'} | "
-                     + " / ".join(f"{r['by_seed'][str(s)][key]:.3f}" for s in SEEDS) + f" | {r['fd_mean']:.3f} |")
-    return {"fd_key": key, "n_samples": N, "seeds": list(SEEDS), "rows": out, "table": "\n".join(lines)}
+    runs = {"CD": results["digits-cd"], "CT": results["digits"]}
+    table = fd_table(out, key, N, SEEDS, lambda label: runs.get(label.split(" ")[0], {}).get("distill", {}))
+    return {"fd_key": key, "n_samples": N, "seeds": list(SEEDS), "rows": out, "table": table}
 
 
 def plot(results: dict) -> str:

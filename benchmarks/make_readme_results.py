@@ -312,6 +312,14 @@ def diffusers_section(d: dict) -> list[str]:
             f"digits`): the teacher folder `{d['teacher_folder']}`, the student `{d['student_checkpoint']}`.", ""]
 
 
+def _side_by_side(a: dict, b: dict, t: dict, runs: str = "the distillations") -> str:
+    """The sentence naming two benchmark parts run side by side (``a``, ``b``: their results, each with its
+    ``distill`` record), the part ``t`` that scored them, and the two training commands."""
+    return (f"Commands: {_code(a['benchmark_command'])} and {_code(b['benchmark_command'])} side by side, then "
+            f"{_code(t['benchmark_command'])}; {runs}: {_code(a['distill']['command'])} and "
+            f"{_code(b['distill']['command'])}.")
+
+
 def cd_section(d: dict) -> list[str]:
     """Consistency distillation beside SiD, same budget, one machine (benchmarks/cd.py)."""
     t, cd, sid = d.get("table"), d.get("digits"), d.get("digits-sid")
@@ -328,9 +336,8 @@ def cd_section(d: dict) -> list[str]:
     return out + [
             f"The CD student samples in one step or, with the multistep consistency sampler, in k "
             f"(`fewstep sample RUN --steps k`). FD curve of its one-step samples: `{t.get('curve_plot', '')}` "
-            f"(in-run, seed 0). Commands: {_code(cd['benchmark_command'])} and {_code(sid['benchmark_command'])} "
-            f"side by side, then {_code(t['benchmark_command'])}; the distillations: {_code(di['command'])} and "
-            f"{_code(si['command'])}. The CD student is committed in `{cd['student_checkpoint']}`.", ""] + cd_mixture_lines(d)
+            f"(in-run, seed 0). {_side_by_side(cd, sid, t)} The CD student is committed in "
+            f"`{cd['student_checkpoint']}`.", ""] + cd_mixture_lines(d)
 
 
 def _cd_reading(t: dict, di: dict, si: dict) -> str:
@@ -371,9 +378,7 @@ def boot_section(d: dict) -> list[str]:
                f"`benchmarks/reflow.py` (28 minutes of regression onto 20000 (noise, 35-NFE sample) pairs of the "
                f"same teacher, whose making is not in those minutes): the coupling BOOT learns without the pairs. "
                f"FD curves (in-run, seed 0): `{t.get('curve_plot', '')}`. "
-               f"Commands: {_code(bt['benchmark_command'])} and {_code(sid['benchmark_command'])} side by side, then "
-               f"{_code(t['benchmark_command'])}; the distillations: {_code(di['command'])} and "
-               f"{_code(si['command'])}. The BOOT student is committed in `{bt['student_checkpoint']}`.", ""]
+               f"{_side_by_side(bt, sid, t)} The BOOT student is committed in `{bt['student_checkpoint']}`.", ""]
     m = d.get("mixture")
     if m:
         rows = [[label, r["nfe"], r["log_likelihood"], r["mode_coverage"], r["samples_per_second"]]
@@ -407,9 +412,7 @@ def sds_section(d: dict) -> list[str]:
                f"{_fmt(r['Diff-Instruct']['recall_mean'])} and the teacher's {_fmt(r['teacher (Heun)']['recall_mean'])}"
                f" (precision {_fmt(r['SDS']['precision_mean'])}, {_fmt(r['Diff-Instruct']['precision_mean'])}, "
                f"{_fmt(r['teacher (Heun)']['precision_mean'])}): without a fake score the generator "
-               f"follows the teacher's density uphill. Commands: {_code(a['benchmark_command'])} and "
-               f"{_code(b['benchmark_command'])} side by side, then {_code(t['benchmark_command'])}; the "
-               f"distillations: {_code(da['command'])} and {_code(db['command'])}. Committed: "
+               f"follows the teacher's density uphill. {_side_by_side(a, b, t)} Committed: "
                f"`{a['student_checkpoint']}`, `{b['student_checkpoint']}`.", ""]
     m, ms, mdi = d.get("mixture-table"), d.get("mixture-sds"), d.get("mixture-di")
     if m and ms and mdi:
@@ -427,9 +430,7 @@ def sds_section(d: dict) -> list[str]:
             f"the teacher's {_fmt(m['rows']['teacher (exact, Heun)']['distance_from_data_mean'])}: they bunch where "
             f"the noise-averaged density peaks, and the large noise levels see the modes as one blob around "
             f"their centre.", "",
-            f"Commands: {_code(ms['benchmark_command'])} and {_code(mdi['benchmark_command'])} side by side, then "
-            f"{_code(m['benchmark_command'])}; the distillations: {_code(ms['distill']['command'])} and "
-            f"{_code(mdi['distill']['command'])}.", ""]
+            _side_by_side(ms, mdi, m), ""]
     return out
 
 
@@ -486,9 +487,8 @@ def ct_section(d: dict) -> list[str]:
                f"and one forward of the target, with no teacher evaluation (CD's Heun step takes two). "
                f"FD against minutes of training (in-run, one step, seed 0): `{t.get('curve_plot', '')}`; "
                f"{_swing(ct['curve'], 'CT')} and {_swing(cd['curve'], 'CD')}. "
-               f"Commands: {_code(ct['benchmark_command'])} and {_code(cd['benchmark_command'])} side by side, then "
-               f"{_code(t['benchmark_command'])}; the runs: {_code(di['command'])} and {_code(ci['command'])}. The "
-               f"CT student is committed in `{ct['student_checkpoint']}`.", ""]
+               f"{_side_by_side(ct, cd, t, 'the runs')} The CT student is committed in `{ct['student_checkpoint']}`.",
+               ""]
     if d.get("mixture"):
         out += ([] if out else ["### Consistency training", ""]) + cd_mixture_lines(d, "mixture", "CT") \
             + cd_mixture_lines(d, "mixture-cd", "CD")

@@ -161,6 +161,21 @@ def fd_rows_by_seed(rows: dict, n: int, seeds) -> tuple[dict, str]:
         print(label, [round(v, 4) for v in fds], flush=True)
     return out, key
 
+
+def fd_table(out: dict, key: str, n: int, seeds, distill_of, extra: tuple | None = None) -> str:
+    """Markdown of :func:`fd_rows_by_seed`'s rows: NFE, the run's kimg and seconds per iteration (``distill_of(label)``:
+    its distill record, {} for a row not trained here), FD at each seed and their mean; ``extra`` = (header,
+    cell(label)) adds a last column."""
+    head = f"| model | NFE | kimg | s per iteration | {key} (n = {n}) seeds {', '.join(map(str, seeds))} | mean |"
+    lines = [head + (f" {extra[0]} |" if extra else ""), "|---" * (7 if extra else 6) + "|"]
+    for label, r in out.items():
+        d = distill_of(label)
+        lines.append(f"| {label} | {r['nfe']} | {round(d['kimg']) if d else '–'} | "
+                     f"{round(d['sec_per_iter'], 2) if d else '–'} | "
+                     + " / ".join(f"{r['by_seed'][str(s)][key]:.3f}" for s in seeds) + f" | {r['fd_mean']:.3f} |"
+                     + (f" {extra[1](label)} |" if extra else ""))
+    return "\n".join(lines)
+
 # ---- image teachers --------------------------------------------------------------------------------
 # per-run settings: run name → teacher data, budget, FD sample count, in-run eval interval, batch, lr, options.
 # digits: batch 128 went furthest in 10-minute trials (FD 1.25 at 150 kimg vs 1.50 for batch 32, whose curve
@@ -335,6 +350,7 @@ def bench_images(name: str, minutes: float) -> dict:
     run = RUNS / f"sid-{name}"
     shutil.rmtree(run, ignore_errors=True)
     method = cfg.get("method", "sid")
+    ship = cfg.get("ship_as") or (f"sid-{name}" if name == data else f"{method}-{data}" if method != "sid" else None)
     info = _distill(method, str(SHIPPED / data), run, minutes, "--batch-size", str(cfg["batch"]), "--lr-g", lr,
                     "--lr-fake", lr, *cfg["options"], eval_n=n, eval_every=cfg["eval_every"])
     teacher = _eval(SHIPPED / data, n, sampler="heun", steps=18)
@@ -350,8 +366,7 @@ def bench_images(name: str, minutes: float) -> dict:
            "curve": [{"kimg": r["kimg"], "train_seconds": r["train_seconds"], fd_key: r[fd_key]} for r in curve],
            "curve_seed": 0, "teacher_heun35_at_curve_seed": _pick(teacher_seed0),
            "curve_plot": str(plot.relative_to(ROOT)),
-           "student_checkpoint": _ship_student(run, ship) if (ship := cfg.get("ship_as") or (
-               f"sid-{name}" if name == data else f"{method}-{data}" if method != "sid" else None)) else None}
+           "student_checkpoint": _ship_student(run, ship) if ship else None}
     print(json.dumps({k: v for k, v in res.items() if k != "curve"}, indent=1), flush=True)
     return res
 

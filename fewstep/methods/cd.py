@@ -206,7 +206,12 @@ class ConsistencyDistillation(Method):
         self.frozen = {"teacher": teacher}
         self.ema_net = "student"
         self.data_info = data_info
-        self.sigmas = cd_sigmas(config.num_scales, config.sigma_min, config.sigma_max, config.rho)  # fixed grid
+        self.set_grid(0.0, 0.0)
+
+    def set_grid(self, kimg: float, total_kimg: float) -> None:
+        """``self.sigmas``, the grid at ``kimg`` of ``total_kimg``: CD's is fixed (CT's follows its curriculum)."""
+        c = self.config
+        self.sigmas = cd_sigmas(c.num_scales, c.sigma_min, c.sigma_max, c.rho)
 
     @classmethod
     def create(cls, config: CDConfig, *, teacher: FewstepModel, dataset=None, init: FewstepModel | None = None):

@@ -51,7 +51,7 @@ from ..errors import FewstepError
 from ..model import FewstepModel, build_from_config
 from ..training.ema import ema_step
 from .base import DataInfo, check_sigma_range, initial_network, register_method, student_data_info
-from .cd import DISTANCES, CDConfig, ConsistencyDistillation, cd_sigmas, consistency_distance, random_state, rewind
+from .cd import DISTANCES, ConsistencyDistillation, cd_sigmas, consistency_distance, random_state, rewind
 from .fake_score import set_dropout
 
 CURRICULA = ("doubling", "sqrt")
@@ -207,14 +207,8 @@ class ConsistencyTraining(ConsistencyDistillation):
     summary = "consistency training (iCT): a consistency model trained on data alone, from the teacher's weights"
 
     def __init__(self, config: CTConfig, student: ConsistencyDenoiser, data_info: DataInfo):
-        super().__init__(CDConfig(num_scales=2, sigma_min=config.sigma_min, sigma_max=config.sigma_max,
-                                  rho=config.rho, distance=config.distance, huber_c=config.huber_c,
-                                  lr=config.lr, betas=config.betas, sample_steps=config.sample_steps),
-                         None, student, data_info)
-        self.config = config
+        super().__init__(config, None, student, data_info)
         self.frozen = {}  # no teacher: only the data
-        self._curriculum_kimg = config.curriculum_kimg
-        self._grid(0.0)
 
     @classmethod
     def create(cls, config: CTConfig, *, teacher: FewstepModel, dataset=None, init: FewstepModel | None = None):
@@ -229,16 +223,11 @@ class ConsistencyTraining(ConsistencyDistillation):
         sigma_data = inner.sigma_data if isinstance(inner, EDMPrecond) else SIGMA_DATA
         return cls(config, ConsistencyDenoiser(inner, config.sigma_min, sigma_data), student_data_info(teacher, init))
 
-    def check_training(self, train_config, world_size: int = 1) -> None:
-        super().check_training(train_config, world_size)
-        if self.config.curriculum_kimg == 0:
-            self._curriculum_kimg = float(train_config.total_kimg)
-
     # ---- the curriculum ---------------------------------------------------------------------
-    def _grid(self, kimg: float) -> None:
+    def set_grid(self, kimg: float, total_kimg: float) -> None:
+        """N(kimg) over ``curriculum_kimg`` (0: the run's ``total_kimg``), its grid, pair law and target μ."""
         c = self.config
-        k_total = self._curriculum_kimg or 1.0  # 0: the run's total, set by check_training before training
-        n = ct_num_scales(kimg, k_total, c.curriculum, int(c.s0), int(c.s1))
+        n = ct_num_scales(kimg, c.curriculum_kimg or total_kimg or 1.0, c.curriculum, int(c.s0), int(c.s1))
         if getattr(self, "num_scales", None) != n:
             self.num_scales = n
             self.sigmas = cd_sigmas(n, c.sigma_min, c.sigma_max, c.rho)
@@ -246,7 +235,7 @@ class ConsistencyTraining(ConsistencyDistillation):
         self.mu = ct_target_decay(n, c.target_decay, int(c.s0), c.adaptive_decay)
 
     def begin_iteration(self, nimg: int, total_nimg: int) -> None:
-        self._grid(nimg / 1000.0)
+        self.set_grid(nimg / 1000.0, total_nimg / 1000.0)
 
     def consistency_loss(self, x0: torch.Tensor, labels):
         c = self.config
@@ -263,6 +252,7 @@ class ConsistencyTraining(ConsistencyDistillation):
         c = self.config
         return {"method": self.name, "curriculum": c.curriculum, "s0": int(c.s0), "s1": int(c.s1),
                 "distance": c.distance, "weighting": c.weighting, "from_scratch": bool(c.from_scratch)}
+
 
 __all__ = ["CURRICULA", "INDEX_LAWS", "WEIGHTINGS", "ct_num_scales", "ct_target_decay", "ct_index_probs",
            "ct_weight", "consistency_training_loss", "CTConfig", "ConsistencyTraining"]
