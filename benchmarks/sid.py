@@ -330,6 +330,25 @@ IMAGE_RUNS["digits-sida"] = {**IMAGE_RUNS["digits"], "method": "sida", "lr": "5e
 # committed as diff-instruct-digits-28min (benchmarks/sds.py has the 10-minute diff-instruct-digits).
 IMAGE_RUNS["digits-di"] = {**IMAGE_RUNS["digits"], "method": "diff-instruct", "options": (),
                            "ship_as": "diff-instruct-digits-28min"}
+# 2026-12-06, eighteenth session, a machine that slowed from 0.74 s per SiD iteration (batch 128, one core, at the
+# start) to 1.2-1.7 s within half an hour, so runs are compared by kimg. The detached warm start (`--detach-kimg
+# K`: SiD's loss with the networks' inputs detached for the first K kimg, then the full gradient) on the "digits"
+# settings, in-run FD, seed 0 ("digits" there; the teacher 0.566): 1.123 at 48 kimg (1.560 at 42), 0.951 at 66,
+# then level, 0.941 at 96 (1.037 at 102); after the switch at 100 kimg it falls again: 0.823 at 120 (0.926 at
+# 126), 0.764 at 150 (0.882) — where "digits" is at 0.76 only at ~270 kimg. Run as the benchmark "digits-detach100"
+# (28 minutes reached only 156 kimg on this machine, 1.38 s per iteration): seeds 1/2/3 0.734 / 0.683 / 0.954,
+# mean 0.790 (teacher 0.629; "digits" at 303 kimg 0.757). A "digits-detach150" run beside it (identical up to
+# 100 kimg) was stopped to give the other core back. That run resumed from its 156-kimg state (same settings,
+# 34 more minutes, alone at 1.6-2.1 s per iteration), in-run: 0.709 at 192, 0.654 at 240 (the t_max switch at 230),
+# 0.587 at 270, 0.584 at 300, 0.588 at 309 ("digits" 0.738 at 303; the teacher 0.566); at 308 kimg seeds 1/2/3
+# 0.649 / 0.678 / 0.704, mean 0.677 (teacher 0.633 / 0.589 / 0.665, mean 0.629; "digits" at 303 kimg 0.757; the
+# plain SiD 90-minute run above 0.691 at 450 kimg, 0.674 at 510). So the warm start saves ~170 of the ~570 kimg,
+# and at the ~300 kimg of 28 minutes on the fast machine the student is still above the teacher at every seed
+# (benchmarks/results/sid_trial_digits-detach100_resumed_308kimg.json).
+# A 60-kimg warm start (the detached curve levels at ~66 kimg) was stopped at 48 kimg for lack of a core.
+for _k in (100, 150):
+    IMAGE_RUNS[f"digits-detach{_k}"] = {**IMAGE_RUNS["digits"],
+                                        "options": IMAGE_RUNS["digits"]["options"] + ("--detach-kimg", str(_k))}
 EXTRA_SEEDS = (2, 3)  # FD at n = 1000 moves by ~0.1 between noise seeds: student and teacher at these seeds too
 
 

@@ -193,6 +193,36 @@ def test_t_max_anneal_moves_the_generator_sigma_range_with_images_seen():
         SiDConfig(t_max_end=500.0, t_max_anneal_kimg=(200.0, 100.0)).validate()
 
 
+def test_detach_kimg_gives_the_detached_gradient_until_then_and_the_full_sid_gradient_after():
+    from fewstep.methods.sid import sid_generator_loss
+
+    m = SiD.create(SiDConfig(detach_kimg=50.0), teacher=_teacher())
+    m.optimizers = m.build_optimizers()
+    teacher, fake = m.teacher, m.fake
+    with torch.no_grad():  # a fake score unlike the teacher: the two gradients then differ
+        for p in fake.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    torch.manual_seed(3)
+    x0 = torch.randn(64, 2)
+    grads = {}
+    for nimg in (0, 49_999, 50_000, 10**6):
+        m.begin_iteration(nimg, 10**7)
+        x_g = x0.clone().requires_grad_(True)
+        torch.manual_seed(4)
+        per, _ = m.per_sample_loss(x_g, teacher, fake, None)
+        grads[nimg] = torch.autograd.grad(per.sum(), x_g)[0]
+    for through in (False, True):
+        x_g = x0.clone().requires_grad_(True)
+        torch.manual_seed(4)
+        per, _ = sid_generator_loss(x_g, teacher, fake, t_max=800.0, through_networks=through)
+        grads[through] = torch.autograd.grad(per.sum(), x_g)[0]
+    assert (grads[True] - grads[False]).abs().max() > 1e-3  # the terms through the networks' inputs
+    for nimg, through in ((0, False), (49_999, False), (50_000, True), (10**6, True)):
+        torch.testing.assert_close(grads[nimg], grads[through])
+    with pytest.raises(FewstepError, match="detach_kimg"):
+        SiDConfig(detach_kimg=-1.0).validate()
+
+
 def test_a_student_as_init_starts_the_generator_and_the_fake_score_starts_from_the_teacher():
     teacher = _teacher()
     torch.manual_seed(5)

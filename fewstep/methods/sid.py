@@ -89,11 +89,13 @@ class SiDConfig(FakeScoreConfig):
     alpha: float = field(default=1.2, metadata={"help": "α of the 'L2 − α·L1' generator loss (1.2; 1.0 on some sets)"})
     omega_pool: int = field(default=1, metadata={"help": "average ω over a window of k samples of the batch adjacent in σ (1 = per sample, the reference; helps in few dimensions)"})
     antithetic: bool = field(default=False, metadata={"help": "pair the generator batch: each x_g twice, with noise ε and −ε at one σ (unbiased; off = the reference)"})
+    detach_kimg: float = field(default=0.0, metadata={"help": "warm start: for the first this many kimg the networks' inputs are detached (Diff-Instruct's direction under SiD's σ law and ω; cheaper per iteration), then the full SiD gradient; 0 = SiD throughout (the reference)"})
 
     def validate(self) -> None:
         super().validate()
         require(self.alpha >= 0, f"alpha must be >= 0, got {self.alpha}")
         require(self.omega_pool >= 1, f"omega_pool must be >= 1 (1 = per-sample ω), got {self.omega_pool}")
+        require(self.detach_kimg >= 0, f"detach_kimg must be >= 0 (0 = SiD throughout), got {self.detach_kimg}")
 
 
 @register_method
@@ -126,4 +128,10 @@ class SiD(FakeScoreMethod):
             e = torch.randn_like(x_g[:half])
             sigma, noise = s.repeat(2)[:n], torch.cat([e, -e])[:n]
         return sid_generator_loss(x_g, teacher, fake, labels, alpha=c.alpha, t_min=c.t_min, t_max=self.t_max_now,
-                                  sigma=sigma, noise=noise, omega_pool=c.omega_pool)
+                                  sigma=sigma, noise=noise, omega_pool=c.omega_pool,
+                                  through_networks=self.through_networks_now)
+
+    @property
+    def through_networks_now(self) -> bool:
+        """Whether this iteration's gradient goes through the networks' inputs (off during --detach-kimg)."""
+        return self._kimg >= self.config.detach_kimg
