@@ -345,7 +345,9 @@ IMAGE_RUNS["digits-di"] = {**IMAGE_RUNS["digits"], "method": "diff-instruct", "o
 # plain SiD 90-minute run above 0.691 at 450 kimg, 0.674 at 510). So the warm start saves ~170 of the ~570 kimg,
 # and at the ~300 kimg of 28 minutes on the fast machine the student is still above the teacher at every seed
 # (benchmarks/results/sid_trial_digits-detach100_resumed_308kimg.json).
-# A 60-kimg warm start (the detached curve levels at ~66 kimg) was stopped at 48 kimg for lack of a core.
+# A 60-kimg warm start (the detached curve levels at ~66 kimg; 22 minutes alone, 113 kimg): 0.929 at 66, 0.808 at
+# 84, then level, 0.803 at 96-102, 0.814 at 113 (detach100: 0.966 at 84, 0.932 at 102, 0.866 at 114, 0.823 at
+# 120): ahead by ~30 kimg at 90 kimg but levelling sooner; where the two stand at 300 kimg is untested.
 for _k in (100, 150):
     IMAGE_RUNS[f"digits-detach{_k}"] = {**IMAGE_RUNS["digits"],
                                         "options": IMAGE_RUNS["digits"]["options"] + ("--detach-kimg", str(_k))}
