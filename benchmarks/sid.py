@@ -5,6 +5,7 @@
     FEWSTEP_THREADS=1 python benchmarks/sid.py --only digits   # the same on digits, on one core
     FEWSTEP_THREADS=1 python benchmarks/sid.py --only digits-reference   # its ablation (constant t_max), other core
     FEWSTEP_THREADS=1 python benchmarks/sid.py --only digits-sida   # adversarial SiD (reads real images), same budget
+    FEWSTEP_THREADS=1 python benchmarks/sid.py --only digits-di-warm100   # Diff-Instruct's 100 kimg, then SiD
     python benchmarks/sid.py --only compare      # SiD vs Diff-Instruct vs DMD, equal wall-clock, one table
     python benchmarks/sid.py --only cost         # SiD iteration time / teacher-training step, same batch
     python benchmarks/sid.py --only seeds --runs mnist5k   # a committed student vs its teacher at noise seeds 1-3
@@ -350,6 +351,15 @@ IMAGE_RUNS["digits-di"] = {**IMAGE_RUNS["digits"], "method": "diff-instruct", "o
 # 120): ahead by ~30 kimg at 90 kimg but levelling sooner; where the two stand at 300 kimg is untested.
 IMAGE_RUNS["digits-detach100"] = {**IMAGE_RUNS["digits"],
                                   "options": IMAGE_RUNS["digits"]["options"] + ("--detach-kimg", "100")}
+# 2026-12-07, nineteenth session, a slow machine again (SiD 1.6 s per iteration at batch 128 on one core). The
+# warm start with Diff-Instruct's own loss (`--detach-loss diff-instruct`: log-normal σ, unit weight; the "digits-di"
+# run's curve to 100 kimg, 0.763 at 96, where SiD's detached loss was at 0.94), then SiD on the "digits" settings
+# (in-run FD, seed 0; the teacher 0.566): 0.718 at 114 kimg (digits-detach100 0.866, "digits" 0.963), 0.609 at 132,
+# 0.597 at 144 (0.764 / 0.882 at 150). Diff-Instruct continued past 100 kimg instead (same run, --ema-halflife-kimg
+# 100): 0.749 at 114, 0.722 at 132 (stopped). Its 140-kimg snapshot at noise seeds 1/2/3: 0.554 / 0.683 / 0.943,
+# mean 0.726 (teacher 0.633 / 0.589 / 0.665, mean 0.629).
+IMAGE_RUNS["digits-di-warm100"] = {**IMAGE_RUNS["digits"], "options": IMAGE_RUNS["digits"]["options"] + (
+    "--detach-kimg", "100", "--detach-loss", "diff-instruct")}
 EXTRA_SEEDS = (2, 3)  # FD at n = 1000 moves by ~0.1 between noise seeds: student and teacher at these seeds too
 
 

@@ -193,34 +193,60 @@ def test_t_max_anneal_moves_the_generator_sigma_range_with_images_seen():
         SiDConfig(t_max_end=500.0, t_max_anneal_kimg=(200.0, 100.0)).validate()
 
 
-def test_detach_kimg_gives_the_detached_gradient_until_then_and_the_full_sid_gradient_after():
-    from fewstep.methods.sid import sid_generator_loss
-
-    m = SiD.create(SiDConfig(detach_kimg=50.0), teacher=_teacher())
+def _warm_start_gradients(config, extra):
+    """Gradients at x_g of SiD(config)'s generator loss at 0, 49 999, 50 000 and 10⁶ images seen, and of each
+    ``extra`` pure loss (name → loss(x_g, teacher, fake)), every one under the same random draws."""
+    m = SiD.create(config, teacher=_teacher())
     m.optimizers = m.build_optimizers()
     teacher, fake = m.teacher, m.fake
-    with torch.no_grad():  # a fake score unlike the teacher: the two gradients then differ
+    with torch.no_grad():  # a fake score unlike the teacher: the gradients then differ
         for p in fake.parameters():
             p.add_(0.1 * torch.randn_like(p))
     torch.manual_seed(3)
     x0 = torch.randn(64, 2)
+
+    def grad(loss):
+        x_g = x0.clone().requires_grad_(True)
+        torch.manual_seed(4)
+        return torch.autograd.grad(loss(x_g).sum(), x_g)[0]
+
     grads = {}
     for nimg in (0, 49_999, 50_000, 10**6):
         m.begin_iteration(nimg, 10**7)
-        x_g = x0.clone().requires_grad_(True)
-        torch.manual_seed(4)
-        per, _ = m.per_sample_loss(x_g, teacher, fake, None)
-        grads[nimg] = torch.autograd.grad(per.sum(), x_g)[0]
-    for through in (False, True):
-        x_g = x0.clone().requires_grad_(True)
-        torch.manual_seed(4)
-        per, _ = sid_generator_loss(x_g, teacher, fake, t_max=800.0, through_networks=through)
-        grads[through] = torch.autograd.grad(per.sum(), x_g)[0]
+        grads[nimg] = grad(lambda x_g: m.per_sample_loss(x_g, teacher, fake, None)[0])
+    for name, loss in extra.items():
+        grads[name] = grad(lambda x_g: loss(x_g, teacher, fake)[0])
+    return grads
+
+
+def test_detach_kimg_gives_the_detached_gradient_until_then_and_the_full_sid_gradient_after():
+    from fewstep.methods.sid import sid_generator_loss
+
+    grads = _warm_start_gradients(SiDConfig(detach_kimg=50.0), {
+        through: lambda x_g, t, f, through=through: sid_generator_loss(x_g, t, f, t_max=800.0,
+                                                                       through_networks=through)
+        for through in (False, True)})
     assert (grads[True] - grads[False]).abs().max() > 1e-3  # the terms through the networks' inputs
     for nimg, through in ((0, False), (49_999, False), (50_000, True), (10**6, True)):
         torch.testing.assert_close(grads[nimg], grads[through])
     with pytest.raises(FewstepError, match="detach_kimg"):
         SiDConfig(detach_kimg=-1.0).validate()
+
+
+def test_detach_loss_diff_instruct_gives_diff_instructs_own_gradient_during_the_warm_start():
+    from fewstep.methods.diff_instruct import diff_instruct_generator_loss
+    from fewstep.methods.sid import sid_generator_loss
+
+    grads = _warm_start_gradients(SiDConfig(detach_kimg=50.0, detach_loss="diff-instruct"), {
+        "diff-instruct": lambda x_g, t, f: diff_instruct_generator_loss(x_g, t, f, p_mean=-1.2, p_std=1.2),
+        "sid-detached": lambda x_g, t, f: sid_generator_loss(x_g, t, f, t_max=800.0, through_networks=False),
+        "sid": lambda x_g, t, f: sid_generator_loss(x_g, t, f, t_max=800.0)})
+    # Diff-Instruct's σ law and unit weight are not SiD's detached loss: the two warm starts differ
+    assert (grads["diff-instruct"] - grads["sid-detached"]).abs().max() > 1e-3
+    for nimg, ref in ((0, "diff-instruct"), (49_999, "diff-instruct"), (50_000, "sid"), (10**6, "sid")):
+        torch.testing.assert_close(grads[nimg], grads[ref])
+    with pytest.raises(FewstepError, match="detach_loss must be one of sid, diff-instruct"):
+        SiDConfig(detach_loss="dmd").validate()
 
 
 def test_a_student_as_init_starts_the_generator_and_the_fake_score_starts_from_the_teacher():

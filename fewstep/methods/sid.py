@@ -19,6 +19,7 @@ import torch
 from ..config import require
 from ..diffusion.denoiser import append_dims
 from .base import register_method
+from .diff_instruct import diff_instruct_generator_loss
 from .fake_score import FakeScoreConfig, FakeScoreMethod, denoise_both, generator_draws, generator_sigma
 
 
@@ -84,18 +85,24 @@ def sid_generator_loss(generator_out: torch.Tensor, teacher, fake, labels=None, 
     return loss.flatten(1).sum(1), {"sigma": sigma, "y_real": y_real, "y_fake": y_fake}
 
 
+DETACH_LOSSES = ("sid", "diff-instruct")  # the warm start's generator loss (--detach-loss)
+
+
 @dataclass
 class SiDConfig(FakeScoreConfig):
     alpha: float = field(default=1.2, metadata={"help": "α of the 'L2 − α·L1' generator loss (1.2; 1.0 on some sets)"})
     omega_pool: int = field(default=1, metadata={"help": "average ω over a window of k samples of the batch adjacent in σ (1 = per sample, the reference; helps in few dimensions)"})
     antithetic: bool = field(default=False, metadata={"help": "pair the generator batch: each x_g twice, with noise ε and −ε at one σ (unbiased; off = the reference)"})
-    detach_kimg: float = field(default=0.0, metadata={"help": "warm start: for the first this many kimg the networks' inputs are detached (Diff-Instruct's direction under SiD's σ law and ω; cheaper per iteration), then the full SiD gradient; 0 = SiD throughout (the reference)"})
+    detach_kimg: float = field(default=0.0, metadata={"help": "warm start: for the first this many kimg the networks' inputs are detached (cheaper per iteration; see --detach-loss), then the full SiD gradient; 0 = SiD throughout (the reference)"})
+    detach_loss: str = field(default="sid", metadata={"choices": DETACH_LOSSES, "help": "the generator loss of the --detach-kimg warm start: sid (SiD's loss with the networks' inputs detached: Diff-Instruct's direction under SiD's σ law and ω) or diff-instruct (Diff-Instruct's own loss: σ log-normal by --p-mean/--p-std, unit weight)"})
 
     def validate(self) -> None:
         super().validate()
         require(self.alpha >= 0, f"alpha must be >= 0, got {self.alpha}")
         require(self.omega_pool >= 1, f"omega_pool must be >= 1 (1 = per-sample ω), got {self.omega_pool}")
         require(self.detach_kimg >= 0, f"detach_kimg must be >= 0 (0 = SiD throughout), got {self.detach_kimg}")
+        require(self.detach_loss in DETACH_LOSSES,
+                f"detach_loss must be one of {', '.join(DETACH_LOSSES)}, got {self.detach_loss!r}")
 
 
 @register_method
@@ -121,6 +128,8 @@ class SiD(FakeScoreMethod):
 
     def per_sample_loss(self, x_g, teacher, fake, labels):
         c = self.config
+        if c.detach_loss == "diff-instruct" and not self.through_networks_now:
+            return diff_instruct_generator_loss(x_g, teacher, fake, labels, p_mean=c.p_mean, p_std=c.p_std)
         sigma = noise = None
         if c.antithetic:  # rows i and i + half share x_g and σ; their noises are ε and −ε
             n, half = x_g.shape[0], (x_g.shape[0] + 1) // 2
