@@ -155,6 +155,15 @@ def sid_section(d: dict, results: Path) -> list[str]:
                 + (f", {r['fd_by_seed_provenance']}" if r.get("fd_by_seed_provenance") else "")
                 ) if by_seed else ""
             prov = f" [{r['provenance']}]" if r.get("provenance") else ""
+            w = r.get("wide")
+            if w:  # ten noise seeds and one large sample set, from benchmarks/sid.py --only wide
+                wk = w["fd_key"]
+                seeds += (f"; at noise seeds 1-{len(w['fd_by_seed'])} mean {_fmt(w['student_mean'])} (std "
+                          f"{_fmt(w['student_std'])}) vs {_fmt(w['teacher_mean'])} ({_fmt(w['teacher_std'])}), at or "
+                          f"below the teacher at {w['at_or_below_teacher_seeds']} of {len(w['fd_by_seed'])}; "
+                          f"{w['n_large']} samples against {w['n_reference_large']} images: "
+                          f"{_fmt(w['student_sid_1nfe_large'][wk])} vs {_fmt(w['teacher_heun35_large'][wk])}, "
+                          f"`{w['command']}` on {w['date']}")
             return (f"{name}{prov}: student {_fmt(s[key])} vs teacher {_fmt(t[key])} "
                     f"({'met' if r.get('student_fd_at_or_below_teacher') else 'not met'}; n = {r['n_samples']}, "
                     f"noise seed 1, real-data floor {_fmt(floor)} at n = {t.get('n_floor')}{seeds}) after "

@@ -230,17 +230,19 @@ def fd_table(out: dict, key: str, n: int, seeds, distill_of, extra: tuple | None
 # 0.479 / 0.279). Trials on the "digits" settings:
 # --sigma-init 5 1.39 at 48 kimg (ahead), 1.13 at 96, 1.06 at 126 (behind: stopped); --alpha 1.0 1.61 at 48, 1.07
 # at 126 (stopped).
+# In the records below "digits" is the run now named "digits-plain" (the digits benchmark's settings until
+# 2026-12-07); the entries they describe derive from it.
 IMAGE_RUNS = {
     "mnist5k": {"data": "mnist5k", "minutes": 28.0, "n": 1000, "eval_every": 20.0, "batch": 32, "lr": "5e-5",
                 "options": ()},
-    "digits": {"data": "digits", "minutes": 28.0, "n": 1000, "eval_every": 6.0, "batch": 128, "lr": "1e-4",
-               "options": ("--t-max", "650", "--ema-halflife-kimg", "100", "--t-max-end", "500",
-                           "--t-max-anneal-kimg", "230,230")},
+    "digits-plain": {"data": "digits", "minutes": 28.0, "n": 1000, "eval_every": 6.0, "batch": 128, "lr": "1e-4",
+                     "options": ("--t-max", "650", "--ema-halflife-kimg", "100", "--t-max-end", "500",
+                                 "--t-max-anneal-kimg", "230,230")},
 }
-IMAGE_RUNS["digits-t-min"] = {**IMAGE_RUNS["digits"], "options": IMAGE_RUNS["digits"]["options"] + ("--t-min", "0.1")}
+IMAGE_RUNS["digits-t-min"] = {**IMAGE_RUNS["digits-plain"], "options": IMAGE_RUNS["digits-plain"]["options"] + ("--t-min", "0.1")}
 IMAGE_RUNS["digits-t-min-no-dropout"] = {**IMAGE_RUNS["digits-t-min"],
                                          "options": IMAGE_RUNS["digits-t-min"]["options"] + ("--dropout", "0")}
-IMAGE_RUNS["digits-bf16"] = {**IMAGE_RUNS["digits"], "options": IMAGE_RUNS["digits"]["options"] + ("--precision", "bf16")}
+IMAGE_RUNS["digits-bf16"] = {**IMAGE_RUNS["digits-plain"], "options": IMAGE_RUNS["digits-plain"]["options"] + ("--precision", "bf16")}
 # 2026-12-01, last: the reference runs its fake score in eval mode (dropout off) inside the generator loss and
 # samples the fake score's training batch with G in eval mode; fewstep ran both in train mode, so with the
 # teacher's dropout 0.1 y_r − y_f carried the fake network's dropout noise. On the "digits" settings (28 minutes,
@@ -255,7 +257,7 @@ IMAGE_RUNS["digits-bf16"] = {**IMAGE_RUNS["digits"], "options": IMAGE_RUNS["digi
 # seeds (the --fake-eval student: 0.57 at seed 0, 0.82 at seed 2), so the in-run curve at seed 0 ranks settings
 # poorly. --fake-eval is kept as the ablation "digits-fake-eval" (the default stays train mode until the
 # benchmarks are re-run with it).
-IMAGE_RUNS["digits-fake-eval"] = {**IMAGE_RUNS["digits"], "options": IMAGE_RUNS["digits"]["options"] + ("--fake-eval",)}
+IMAGE_RUNS["digits-fake-eval"] = {**IMAGE_RUNS["digits-plain"], "options": IMAGE_RUNS["digits-plain"]["options"] + ("--fake-eval",)}
 # 2026-12-01, ninth session, on a slower machine (2.0 GHz Xeon with AMX: a SiD iteration at batch 128 on one core
 # took 1.2-1.4 s instead of 0.71, so 28 minutes reach ~150 kimg, not ~300; bf16 autocast was no faster there,
 # 1.05x). Trials are compared by kimg (the t_max schedule follows kimg). In-run FD, seed 0: --antithetic 1.311 at
@@ -316,20 +318,20 @@ IMAGE_RUNS["digits-fake-eval"] = {**IMAGE_RUNS["digits"], "options": IMAGE_RUNS[
 # (Diff-Instruct, 28 minutes, below) fell to 0.686 at 138-144 kimg, then turned up (0.85-0.91 at 162-180) as SiD's
 # runs do, and ended at seeds 1/2/3 0.819 / 1.022 / 1.011 (mean 0.951; SiD on this machine, 28 minutes beside
 # BOOT: 1.011). Untried: a detached warm start (the faster early descent) then the full SiD loss.
-IMAGE_RUNS["digits-tmax-switch"] = {**IMAGE_RUNS["digits"], "lr": "5e-5",
+IMAGE_RUNS["digits-tmax-switch"] = {**IMAGE_RUNS["digits-plain"], "lr": "5e-5",
                                     "options": ("--t-max-end", "500", "--t-max-anneal-kimg", "150,150")}
-IMAGE_RUNS["digits-reference"] = {**IMAGE_RUNS["digits"], "lr": "5e-5", "options": ()}
+IMAGE_RUNS["digits-reference"] = {**IMAGE_RUNS["digits-plain"], "lr": "5e-5", "options": ()}
 # "digits-sida": adversarial SiD (`fewstep distill sida`; it also reads the 1497 training images) on the same
 # budget. 28-minute trials (in-run FD, seed 0): the reference's weights (discriminator 1, GAN 1e-4 of SiD) with
 # its gradient clip and without it follow the same curve to ~120 kimg (1.54, 1.55); without it the FD falls
 # steadily (0.98 at 216, 0.78 at 276, 0.756 at 288, 0.764 at 300) with no SiD-like turn upwards, with it it falls
 # slower (1.04 at 210, 0.87 at 276: so the clip is off by default); a 100× discriminator and 10× GAN weight is ahead
 # early (2.13 vs 2.19 at 60 kimg) but levels off (with the clip 0.92 from 240, 0.90 at 297; without 0.90 at 276).
-IMAGE_RUNS["digits-sida"] = {**IMAGE_RUNS["digits"], "method": "sida", "lr": "5e-5", "options": ("--fake-grad-clip", "0")}
+IMAGE_RUNS["digits-sida"] = {**IMAGE_RUNS["digits-plain"], "method": "sida", "lr": "5e-5", "options": ("--fake-grad-clip", "0")}
 # "digits-di": Diff-Instruct with the "digits" run's batch, learning rates and budget (its own σ law and EMA
 # defaults), the family's per-kimg leader on digits early on (see the 2026-12-02 record above); its student is
 # committed as diff-instruct-digits-28min (benchmarks/sds.py has the 10-minute diff-instruct-digits).
-IMAGE_RUNS["digits-di"] = {**IMAGE_RUNS["digits"], "method": "diff-instruct", "options": (),
+IMAGE_RUNS["digits-di"] = {**IMAGE_RUNS["digits-plain"], "method": "diff-instruct", "options": (),
                            "ship_as": "diff-instruct-digits-28min"}
 # 2026-12-06, eighteenth session, a machine that slowed from 0.74 s per SiD iteration (batch 128, one core, at the
 # start) to 1.2-2.1 s within the hour, so runs are compared by kimg. The detached warm start (`--detach-kimg
@@ -349,8 +351,8 @@ IMAGE_RUNS["digits-di"] = {**IMAGE_RUNS["digits"], "method": "diff-instruct", "o
 # A 60-kimg warm start (the detached curve levels at ~66 kimg; 22 minutes alone, 113 kimg): 0.929 at 66, 0.808 at
 # 84, then level, 0.803 at 96-102, 0.814 at 113 (detach100: 0.966 at 84, 0.932 at 102, 0.866 at 114, 0.823 at
 # 120): ahead by ~30 kimg at 90 kimg but levelling sooner; where the two stand at 300 kimg is untested.
-IMAGE_RUNS["digits-detach100"] = {**IMAGE_RUNS["digits"],
-                                  "options": IMAGE_RUNS["digits"]["options"] + ("--detach-kimg", "100")}
+IMAGE_RUNS["digits-detach100"] = {**IMAGE_RUNS["digits-plain"],
+                                  "options": IMAGE_RUNS["digits-plain"]["options"] + ("--detach-kimg", "100")}
 # 2026-12-07, nineteenth session, a slow machine again (SiD 1.6 s per iteration at batch 128 on one core). The
 # warm start with Diff-Instruct's own loss (`--detach-loss diff-instruct`: log-normal σ, unit weight; the "digits-di"
 # run's curve to 100 kimg, 0.763 at 96, where SiD's detached loss was at 0.94), then SiD on the "digits" settings
@@ -369,8 +371,29 @@ IMAGE_RUNS["digits-detach100"] = {**IMAGE_RUNS["digits"],
 # The benchmark run resumed from its 163-kimg state with the t_max switch moved there (to the level part of the
 # curve): to 500 0.605 at 198, 0.623 at 222, 0.590 at 271; to 400 0.630 at 180, 0.585 at 271 (the switch at 230:
 # 0.566 at 270). Neither is kept.
-IMAGE_RUNS["digits-di-warm100"] = {**IMAGE_RUNS["digits"], "options": IMAGE_RUNS["digits"]["options"] + (
+IMAGE_RUNS["digits-di-warm100"] = {**IMAGE_RUNS["digits-plain"], "options": IMAGE_RUNS["digits-plain"]["options"] + (
     "--detach-kimg", "100", "--detach-loss", "diff-instruct")}
+# 2026-12-07, twentieth session, a fast machine again (SiD 0.59-0.63 s per iteration at batch 128 on one core, two
+# runs at a time; the t_max switch at 230 kimg is now inside the 28 minutes). On top of the Diff-Instruct warm
+# start, in-run FD, seed 0 (the teacher 0.566): the fake score in eval mode inside the generator loss, as the
+# reference does ("digits-di-warm100-fake-eval"): 0.775 at 96 kimg, 0.718 at 144, 0.537 at 192, 0.489 at 240,
+# 0.445 at 288, 0.417 at 318, 0.434 at 343 (the end of the 28 minutes); at noise seeds 1/2/3 0.483 / 0.551 / 0.590,
+# mean 0.541 (teacher 0.633 / 0.589 / 0.665, mean 0.629): below the teacher at every seed. Neither network with
+# dropout ("digits-di-warm100-no-dropout", --dropout 0, beside it): 0.816 at 96, 0.660 at 144, then level or up
+# (0.698 at 216, 0.614 at 336, 0.637 at 367); seeds 0.748 / 0.697 / 0.644, mean 0.696. On plain SiD --fake-eval
+# had gained little ("digits-fake-eval": mean 0.776 against 0.757); after the Diff-Instruct warm start it is what
+# takes the one-step student below its teacher, so these are the "digits" settings now (below).
+IMAGE_RUNS["digits-di-warm100-fake-eval"] = {**IMAGE_RUNS["digits-di-warm100"],
+                                            "options": IMAGE_RUNS["digits-di-warm100"]["options"] + ("--fake-eval",)}
+IMAGE_RUNS["digits-di-warm100-no-dropout"] = {**IMAGE_RUNS["digits-di-warm100"],
+                                             "options": IMAGE_RUNS["digits-di-warm100"]["options"] + ("--dropout", "0")}
+# "digits": the settings the digits benchmark runs (and `side_by_side_sid` beside the other methods' benchmarks):
+# the Diff-Instruct warm start, then SiD with the fake score in eval mode (see the 2026-12-07 record above).
+# "digits-seed1" etc.: the same with other training seeds (the seed alone moved "digits-plain"'s seed mean by 0.1).
+IMAGE_RUNS["digits"] = {**IMAGE_RUNS["digits-di-warm100-fake-eval"]}
+for _seed in (1, 2, 3):
+    IMAGE_RUNS[f"digits-seed{_seed}"] = {**IMAGE_RUNS["digits"],
+                                         "options": IMAGE_RUNS["digits"]["options"] + ("--seed", str(_seed))}
 EXTRA_SEEDS = (2, 3)  # FD at n = 1000 moves by ~0.1 between noise seeds: student and teacher at these seeds too
 
 
@@ -443,6 +466,45 @@ def reevaluate_seeds(results: dict, name: str) -> dict:
     return {**r, "fd_by_seed": seeds, "student_at_or_below_teacher_seeds": seeds_at_or_below(seeds),
             "fd_by_seed_provenance": f"noise seeds measured on {time.strftime('%Y-%m-%d')} from the committed "
                                      f"student by `python benchmarks/sid.py --only seeds --runs {name}`"}
+
+
+WIDE_SEEDS = tuple(range(1, 11))  # the "wide" part: ten noise seeds at n = 1000 ...
+WIDE_N = 5000  # ... and one FD of 5000 samples (noise seed 0) against all of the data's training images
+
+
+def wide_eval(results: dict, names) -> dict:
+    """The teacher (35-NFE Heun) and the one-step students of the image runs `names` (the committed student, else
+    the run folder in RUNS) at noise seeds 1-10 (n = 1000: the mean and spread over seeds that three seeds only
+    sketch) and with 5000 samples against every training image, where the FD's sampling noise is smallest."""
+    import statistics
+
+    out, teachers = {}, {}
+    for name in names:
+        r = results[name]
+        data, n, key = r.get("data", IMAGE_RUNS[name]["data"]), r["n_samples"], r["fd_key"]
+        path = ROOT / r["student_checkpoint"] if r.get("student_checkpoint") else RUNS / f"sid-{name}"
+        if not path.exists():
+            raise SystemExit(f"{name}: neither a committed student nor the run folder {path} to evaluate")
+        if (data, n) not in teachers:
+            teachers[data, n] = {"seeds": {s: _eval(SHIPPED / data, n, seed=s, sampler="heun", steps=18)[key]
+                                           for s in WIDE_SEEDS},
+                                 "n_large": _pick(_eval(SHIPPED / data, WIDE_N, seed=0, sampler="heun", steps=18))}
+        t = teachers[data, n]
+        student = {s: _eval(path, n, seed=s)[key] for s in WIDE_SEEDS}
+        large_raw = _eval(path, WIDE_N, seed=0)
+        large = _pick(large_raw)
+        out[name] = {
+            "student": str(path.relative_to(ROOT)), "n_samples": n, "fd_key": key,
+            "fd_by_seed": {str(s): {"teacher_heun35": t["seeds"][s], "student_sid_1nfe": student[s]} for s in WIDE_SEEDS},
+            "teacher_mean": statistics.mean(t["seeds"].values()), "teacher_std": statistics.stdev(t["seeds"].values()),
+            "student_mean": statistics.mean(student.values()), "student_std": statistics.stdev(student.values()),
+            "at_or_below_teacher_seeds": sum(student[s] <= t["seeds"][s] for s in WIDE_SEEDS),
+            "n_large": WIDE_N, "n_reference_large": large_raw.get("n_reference"),
+            "teacher_heun35_large": t["n_large"], "student_sid_1nfe_large": large,
+            "date": time.strftime("%Y-%m-%d"),
+            "command": "python benchmarks/sid.py --only wide --runs " + " ".join(names)}
+        print(name, json.dumps({k: v for k, v in out[name].items() if "large" not in k}, indent=1), flush=True)
+    return out
 
 
 def plot_curve(name: str, data: str, run: Path, n: int, fd_key: str, method: str = "sid"):
@@ -565,7 +627,7 @@ def cpu_bf16_flags() -> list[str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", nargs="*", default=["mixture", "cost", "compare", "mnist5k"],
-                    choices=["mixture", *IMAGE_RUNS, "compare", "cost", "seeds"])
+                    choices=["mixture", *IMAGE_RUNS, "compare", "cost", "seeds", "wide"])
     ap.add_argument("--runs", nargs="*", default=["mnist5k"],
                     help="seeds part: committed image runs whose student and teacher to re-evaluate at noise "
                          "seeds 1, 2, 3 (runs from before those seeds were measured)")
@@ -595,6 +657,14 @@ def main() -> None:
             results[part] = bench_images(part, args.minutes or IMAGE_RUNS[part]["minutes"])
         elif part == "compare":
             results["compare"] = bench_compare(args.compare_data, args.minutes or 5.0, batch=32, lr="5e-5")
+        elif part == "wide":
+            wide = wide_eval(results, args.runs)
+            results = json.loads(path.read_text()) if path.is_file() else {}
+            for name, w in wide.items():
+                results[name]["wide"] = w
+            write_json("sid.json", results)
+            print(f"wide: {time.time() - t0:.0f}s", flush=True)
+            continue
         elif part == "seeds":
             seeded = {name: reevaluate_seeds(results, name) for name in args.runs}
             results = json.loads(path.read_text()) if path.is_file() else {}
