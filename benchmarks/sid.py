@@ -390,6 +390,14 @@ IMAGE_RUNS["digits-di-warm100-no-dropout"] = {**IMAGE_RUNS["digits-di-warm100"],
 # "digits": the settings the digits benchmark runs (and `side_by_side_sid` beside the other methods' benchmarks):
 # the Diff-Instruct warm start, then SiD with the fake score in eval mode (see the 2026-12-07 record above).
 # "digits-seed1" etc.: the same with other training seeds (the seed alone moved "digits-plain"'s seed mean by 0.1).
+# 2026-12-07, twentieth session (0.63-0.65 s per iteration, two runs at a time): "digits" re-run retraced the
+# ablation's in-run curve value for value and stopped at 333 kimg (0.425 there): seeds 1/2/3 0.469 / 0.559 /
+# 0.603. Training seeds 1 / 2 / 3 (335-340 kimg): 0.647 / 0.811 / 0.920, 0.560 / 0.520 / 0.494, 0.511 / 0.577 /
+# 0.745 (teacher 0.633 / 0.589 / 0.665). `--only wide` (noise seeds 1-10 at n = 1000; 5000 samples against all
+# 1497 images), teacher mean 0.581 (std 0.067), 5000 samples 0.379: training seed 0 mean 0.570 (below the
+# teacher at 6 of 10), 0.403; seed 1 0.749 (0 of 10), 0.416; seed 2 0.542 (7 of 10), 0.376; seed 3 0.577 (6 of
+# 10), 0.396. So 3 of 4 training seeds match the teacher on the ten-seed mean and the large-sample FD is 4-10%
+# above the teacher's for three and below it for one; seed 1's in-run curve (seed 0) sat at the teacher's 0.56 from 220 kimg on.
 IMAGE_RUNS["digits"] = {**IMAGE_RUNS["digits-di-warm100-fake-eval"]}
 for _seed in (1, 2, 3):
     IMAGE_RUNS[f"digits-seed{_seed}"] = {**IMAGE_RUNS["digits"],
