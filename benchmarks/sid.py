@@ -2,13 +2,15 @@
 
     python benchmarks/sid.py --only mixture --minutes 12   # exact mixture teachers (≈ 40 min; --presets ring8 grid25 grid25-reference)
     python benchmarks/sid.py --only mnist5k      # FD vs images seen, ≤ 30 CPU-minutes of SiD
-    FEWSTEP_THREADS=1 python benchmarks/sid.py --only digits   # the same on digits, on one core
+    FEWSTEP_THREADS=1 python benchmarks/sid.py --only digits   # the same on digits, on one core (Diff-Instruct warm start)
+    FEWSTEP_THREADS=1 python benchmarks/sid.py --only digits-seed1   # ... with training seed 1 (also 2, 3), other core
     FEWSTEP_THREADS=1 python benchmarks/sid.py --only digits-reference   # its ablation (constant t_max), other core
     FEWSTEP_THREADS=1 python benchmarks/sid.py --only digits-sida   # adversarial SiD (reads real images), same budget
     FEWSTEP_THREADS=1 python benchmarks/sid.py --only digits-di-warm100   # Diff-Instruct's 100 kimg, then SiD
     python benchmarks/sid.py --only compare      # SiD vs Diff-Instruct vs DMD, equal wall-clock, one table
     python benchmarks/sid.py --only cost         # SiD iteration time / teacher-training step, same batch
     python benchmarks/sid.py --only seeds --runs mnist5k   # a committed student vs its teacher at noise seeds 1-3
+    python benchmarks/sid.py --only wide --runs digits digits-seed1   # noise seeds 1-10 and a 5000-sample FD
     python benchmarks/sid_mixture_diagnosis.py --preset grid25   # after the mixture part: why a student misses
 
 Every number states NFE, sample count and wall-clock; results go to
@@ -397,7 +399,8 @@ IMAGE_RUNS["digits-di-warm100-no-dropout"] = {**IMAGE_RUNS["digits-di-warm100"],
 # 1497 images), teacher mean 0.581 (std 0.067), 5000 samples 0.379: training seed 0 mean 0.570 (below the
 # teacher at 6 of 10), 0.403; seed 1 0.749 (0 of 10), 0.416; seed 2 0.542 (7 of 10), 0.376; seed 3 0.577 (6 of
 # 10), 0.396. So 3 of 4 training seeds match the teacher on the ten-seed mean and the large-sample FD is 4-10%
-# above the teacher's for three and below it for one; seed 1's in-run curve (seed 0) sat at the teacher's 0.56 from 220 kimg on.
+# above the teacher's for three and below it for one; seed 1's in-run curve (seed 0) sat at the teacher's 0.56
+# from 220 kimg on.
 IMAGE_RUNS["digits"] = {**IMAGE_RUNS["digits-di-warm100-fake-eval"]}
 for _seed in (1, 2, 3):
     IMAGE_RUNS[f"digits-seed{_seed}"] = {**IMAGE_RUNS["digits"],
@@ -638,7 +641,9 @@ def main() -> None:
                     choices=["mixture", *IMAGE_RUNS, "compare", "cost", "seeds", "wide"])
     ap.add_argument("--runs", nargs="*", default=["mnist5k"],
                     help="seeds part: committed image runs whose student and teacher to re-evaluate at noise "
-                         "seeds 1, 2, 3 (runs from before those seeds were measured)")
+                         "seeds 1, 2, 3 (runs from before those seeds were measured); wide part: image runs to "
+                         "evaluate at noise seeds 1-10 and with 5000 samples (their committed student, else "
+                         "their run folder)")
     ap.add_argument("--minutes", type=float, default=None, help="override each run's wall-clock budget")
     ap.add_argument("--presets", nargs="*", default=list(MIXTURE_RUNS), choices=list(MIXTURE_RUNS),
                     help="mixture part: which runs (separate processes may run one each; results merge)")
