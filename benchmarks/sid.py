@@ -458,10 +458,20 @@ def seeds_at_or_below(seeds: dict) -> int:
     return sum(v["student_sid_1nfe"] <= v["teacher_heun35"] for v in seeds.values())
 
 
+def _image_result(results: dict, name: str) -> dict:
+    """The committed result of image run `name` in sid.json, or a clear error naming the command that makes it."""
+    if name not in IMAGE_RUNS:
+        raise SystemExit(f"{name}: not an image run of benchmarks/sid.py (one of: {', '.join(IMAGE_RUNS)})")
+    if not isinstance(results.get(name), dict) or "fd_key" not in results[name]:
+        raise SystemExit(f"{name}: no image-run result in benchmarks/results/sid.json; run "
+                         f"`FEWSTEP_THREADS=1 python benchmarks/sid.py --only {name}` first")
+    return results[name]
+
+
 def reevaluate_seeds(results: dict, name: str) -> dict:
     """An image run committed before the extra noise seeds were measured: its committed student and the
     teacher at EXTRA_SEEDS (seed 1 re-measured too, and checked against the committed numbers)."""
-    r = results[name]
+    r = _image_result(results, name)
     if not r.get("student_checkpoint"):
         raise SystemExit(f"{name}: no committed student to re-evaluate")
     data, n, key = r.get("data", IMAGE_RUNS[name]["data"]), r["n_samples"], r["fd_key"]
@@ -491,7 +501,7 @@ def wide_eval(results: dict, names) -> dict:
 
     out, teachers = {}, {}
     for name in names:
-        r = results[name]
+        r = _image_result(results, name)
         data, n, key = r.get("data", IMAGE_RUNS[name]["data"]), r["n_samples"], r["fd_key"]
         path = ROOT / r["student_checkpoint"] if r.get("student_checkpoint") else RUNS / f"sid-{name}"
         if not path.exists():
